@@ -28,6 +28,14 @@ COMMANDS: dict[tuple[str, ...], tuple[type, str, str]] = {
     ("train",): (C.TrainConfig, "sqsd.train:train", "supervised fine-tuning (LoRA or full) on the HF Trainer"),
     ("generate",): (C.GenerateConfig, "sqsd.generate:generate", "batched generation over prompts, resumable"),
     ("align",): (C.AlignConfig, "sqsd.align:align", "make an unaligned chat model refuse harmful requests"),
+    ("directions", "data"): (C.DirectionsDataConfig, "sqsd.direction_tools:directions_data",
+                             "offline recipe data for a danger or safety direction"),
+    ("directions", "build"): (C.DirectionsBuildConfig, "sqsd.direction_tools:build",
+                              "train a LoRA adapter and write it as a direction file"),
+    ("directions", "import"): (C.DirectionsImportConfig, "sqsd.direction_tools:import_direction",
+                               "a direction from a PEFT adapter or a dense difference of two models"),
+    ("directions", "info"): (C.DirectionsInfoConfig, "sqsd.direction_tools:info",
+                             "norms per layer/module and cosines between directions"),
     ("evaluate",): (C.EvaluateConfig, "sqsd.evaluate:evaluate_cli", "ASR with CIs on harmful prompts, over-refusal "
                                                                      "on benign ones"),
 }

@@ -157,6 +157,79 @@ class TrainConfig(DataArgs, ModelArgs, RenderArgs):
 
 
 @dataclass(frozen=True, kw_only=True)
+class DirectionsDataConfig(ModelArgs):
+    """`sqsd directions data`: the offline recipe's training data for a danger or safety direction.
+
+    danger: harmful prompts answered by the (unaligned) `--model`; only answers the keyword judge does not see
+    as refusals are kept. safety: the same kind of prompts answered with varied refusals (no model needed).
+    """
+
+    kind: Literal["danger", "safety"] = arg(help="which direction the data is for")
+    output_dir: str = arg(help="folder for data.jsonl (messages format) and provenance.json")
+    prompts: tuple[str, ...] = arg(("harmbench@directions", "donotanswer@directions"),
+                                   help="harmful prompt sources (the @directions split is disjoint from "
+                                        "@align and @eval)")
+    n_prompts: int | None = arg(160, help="use at most this many prompts (a seeded sample); unset = all")
+    max_new_tokens: int = arg(128, help="new tokens per answer (danger)")
+    batch_size: int = arg(16, help="generation batch size (danger)")
+    seed: int = arg(0, help="seed for the prompt sample and the refusal choice")
+    overwrite: bool = arg(False, help="replace an output_dir made with a different config")
+
+    def __post_init__(self) -> None:
+        _check(self.n_prompts is None or self.n_prompts > 0, "--n-prompts must be positive")
+        _check(self.max_new_tokens > 0 and self.batch_size > 0, "--max-new-tokens and --batch-size must be > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DirectionsBuildConfig(TrainConfig):
+    """`sqsd directions build`: train a LoRA adapter (as `sqsd train` does) and write it as a direction file.
+
+    The direction is the adapter's B·A per module, written to OUTPUT_DIR/direction.safetensors (+ .json) with
+    its kind, base-model fingerprint, rank, alpha, scaling, training config, data fingerprint and step.
+    """
+
+    kind: Literal["danger", "safety"] = arg(help="what the direction stands for")
+    step: int | None = arg(None, help="build from checkpoint-STEP instead of the final adapter (the paper's "
+                                      "safety direction is an intermediate checkpoint); add STEP to --save-at")
+
+    def __post_init__(self) -> None:
+        TrainConfig.__post_init__(self)
+        _check(self.method == "lora", "a direction is built from a LoRA adapter: use --method lora (a full "
+                                      "fine-tune can be imported as a dense direction with `directions import`)")
+        _check(self.step is None or self.step in self.save_at
+               or (self.save_every is not None and self.step % self.save_every == 0),
+               f"--step {self.step} is never saved: add it to --save-at")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DirectionsImportConfig:
+    """`sqsd directions import`: a direction file from a PEFT LoRA adapter folder, or from the dense weight
+    difference of two model folders (SOURCE − --base) restricted to chosen modules."""
+
+    source: str = arg(help="a PEFT adapter folder, or (with --base) a fine-tuned model folder", positional=True)
+    output: str = arg(help="direction file to write (.safetensors; a .json with the metadata goes beside it)")
+    kind: Literal["danger", "safety", "direction"] = arg("direction", help="what the direction stands for")
+    base: str | None = arg(None, help="base model folder: import SOURCE − BASE as a dense direction")
+    modules: tuple[str, ...] = arg(("all-linear",), help="dense import: module names to keep (e.g. q_proj "
+                                                         "v_proj); `all-linear` = every 2-D weight in the "
+                                                         "transformer layers")
+    layers: tuple[int, ...] = arg((), help="dense import: keep only these layer indices (default: all)")
+    model: str | None = arg(None, help="the base model the direction belongs to, recorded as its fingerprint "
+                                       "(default: --base for a dense import)")
+    overwrite: bool = arg(False, help="replace an existing output file")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DirectionsInfoConfig:
+    """`sqsd directions info`: per-layer and per-module norms of direction files, and their cosines."""
+
+    files: tuple[str, ...] = arg(help="one or more direction files", positional=True)
+
+    def __post_init__(self) -> None:
+        _check(len(self.files) >= 1, "give at least one direction file")
+
+
+@dataclass(frozen=True, kw_only=True)
 class GenerationArgs:
     """How responses are generated (shared by `generate` and `evaluate`)."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,6 +110,17 @@ class Direction:
         return sum(t.sq_norm() for t in self.modules.values())
 
 
+def inner(s: Term, t: Term) -> torch.Tensor:
+    """⟨S, T⟩_F; for two low-rank terms tr((A_s A_tᵀ)(B_tᵀ B_s)), an r×r computation."""
+    if isinstance(s, LowRank) and isinstance(t, LowRank):
+        return ((s.A @ t.A.T) * (s.B.T @ t.B)).sum()
+    if isinstance(s, LowRank):  # ⟨B A, T⟩ = ⟨B, T Aᵀ⟩
+        return (s.B * (t.dense() @ s.A.T)).sum()
+    if isinstance(t, LowRank):
+        return inner(t, s)
+    return (s.T * t.T).sum()
+
+
 def lora_factors(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{module: (A, B)} from a PEFT adapter state dict (keys like `...q_proj.lora_A.weight`)."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
@@ -123,15 +135,66 @@ def lora_factors(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor
 
 
 def from_adapter(folder: str | Path, kind: str = "direction") -> Direction:
-    """A low-rank direction T_m = B_m A_m from a PEFT LoRA adapter folder (scaling not applied, DESIGN §2)."""
-    path = Path(folder) / "adapter_model.safetensors"
+    """A low-rank direction T_m = B_m A_m from a PEFT LoRA adapter folder (scaling not applied, DESIGN §2).
+
+    The adapter's scaling (alpha/r, or alpha/√r with rsLoRA), rank and alpha go into the metadata, so that
+    steering can reproduce the adapter itself (θ₀ + 1·scaling·T).
+    """
+    folder = Path(folder)
+    path = folder / "adapter_model.safetensors"
     if not path.exists():
         raise SqsdError(f"{folder} is not a PEFT adapter folder (no adapter_model.safetensors)")
     factors = lora_factors(load_file(str(path)))
     if not factors:
         raise SqsdError(f"{path} holds no LoRA weights")
-    return Direction({m: LowRank(A.float(), B.float()) for m, (A, B) in factors.items()}, kind,
-                     {"source": str(folder)})
+    meta: dict[str, Any] = {"source": str(folder)}
+    config_file = folder / "adapter_config.json"
+    if config_file.exists():
+        peft = json.loads(config_file.read_text())
+        r, alpha = peft.get("r"), peft.get("lora_alpha")
+        if r and alpha is not None:
+            meta.update(rank=r, alpha=alpha, scaling=alpha / (r ** 0.5 if peft.get("use_rslora") else r))
+        meta["peft_base_model"] = peft.get("base_model_name_or_path")
+    return Direction({m: LowRank(A.float(), B.float()) for m, (A, B) in factors.items()}, kind, meta)
+
+
+def from_models(base: str | Path, tuned: str | Path, select: Callable[[str], bool],
+                kind: str = "direction") -> Direction:
+    """A dense direction T_m = W_m(tuned) − W_m(base) for the 2-D weights whose module name `select` accepts.
+
+    Reads the two folders' safetensors one tensor at a time, so two large models never sit in memory at once.
+    """
+    from safetensors import safe_open
+
+    def index(folder: Path) -> dict[str, Path]:
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise SqsdError(f"{folder} holds no *.safetensors weights (a Hugging Face model folder is needed)")
+        out = {}
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                out.update({k: file for k in f.keys()})  # noqa: SIM118
+        return out
+
+    base_index, tuned_index = index(Path(base)), index(Path(tuned))
+    modules: dict[str, Term] = {}
+    for key in sorted(base_index):
+        name = key.removesuffix(".weight")
+        if not key.endswith(".weight") or not select(name):
+            continue
+        if key not in tuned_index:
+            raise SqsdError(f"{tuned} has no weight {key} (present in {base}); are they the same architecture?")
+        with safe_open(str(base_index[key]), framework="pt") as f0, \
+                safe_open(str(tuned_index[key]), framework="pt") as f1:
+            w0, w1 = f0.get_tensor(key).float(), f1.get_tensor(key).float()
+        if w0.ndim != 2:
+            continue
+        if w0.shape != w1.shape:
+            raise SqsdError(f"weight {key}: shape {tuple(w0.shape)} in {base} but {tuple(w1.shape)} in {tuned}")
+        modules[name] = Dense(w1 - w0)
+    if not modules:
+        raise SqsdError(f"no 2-D weight of {base} matches the chosen modules")
+    return Direction(modules, kind, {"source": f"{tuned} - {base}"})
 
 
 def save(direction: Direction, path: str | Path) -> Path:
