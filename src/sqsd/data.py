@@ -380,3 +380,16 @@ def load_records(data: str, format: str = "auto", split: str = "train", on_bad_r
 def load_from_config(config: DataArgs) -> LoadedData:
     """`load_records` with the options of a command's DataArgs."""
     return load_records(config.data, config.format, config.split, config.on_bad_record, config.limit)
+
+
+def raw_rows(data: str, split: str = "train") -> dict[tuple[str, int], dict[str, Any]]:
+    """(Record.source, Record.row) -> the record's original fields, as the data layer read them."""
+    base, _, part = data.rpartition("@")
+    if base and part in SPLITS and not Path(data).exists():
+        data = base  # a held-out split keeps its source's records and their rows
+    out: dict[tuple[str, int], dict[str, Any]] = {}
+    for src in _sources(data, split):
+        for item in src.rows:
+            if not isinstance(item, Exception):
+                out[(src.name, item.row)] = item.fields
+    return out

@@ -1,0 +1,152 @@
+"""`sqsd filter`: subsets of a scored dataset, written in the dataset's own format.
+
+The ok rows of a scores file (`sqsd score`) are ranked by one column (`by`, risk by default), highest first,
+ties by dataset index. Skipped rows are never selected. Modes (exactly one):
+- drop_top_percent P / drop_top K: kept.jsonl = the rest, in dataset order; dropped.jsonl = the top, by rank;
+- keep_bottom K: kept.jsonl = the K lowest, in dataset order;
+- windows K, window_size N: S1.jsonl ... SK.jsonl, N consecutive ranks each, starting at
+  round(i·(n_ok − N)/(K − 1)) for i = 0..K−1 (the paper's protocol: S1 = the riskiest N, SK = the safest N),
+  each in rank order. Windows must not overlap.
+
+Every output line is the record's original field dict as read from its file (a Dolly row stays a Dolly row:
+instruction/context/response/category), so a subset feeds straight into `sqsd train` or any other tool. CSV
+and Parquet rows become JSON objects with the same columns. `filter.json` holds the counts and the score range
+and ranks of each subset; `run.json` the config and fingerprints of the scores and the data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sqsd.config import FilterConfig, to_dict
+from sqsd.data import Record, load_records, raw_rows
+from sqsd.errors import SqsdError
+from sqsd.runs import RUN_FILE, data_fingerprints, fingerprint, prepare_run, write_json_atomic
+from sqsd.score import OK, read_scores
+
+FILTER_FILE = "filter.json"
+
+
+def window_starts(n: int, k: int, size: int) -> list[int]:
+    """Start ranks of `k` windows of `size` over `n` ranked items: evenly spaced from 0 to n − size."""
+    if k == 1:
+        return [0]
+    return [math.floor(i * (n - size) / (k - 1) + 0.5) for i in range(k)]  # round half up, not to even
+
+
+def rank(rows: Sequence[dict[str, Any]], by: str, source: str = "the scores") -> list[dict[str, Any]]:
+    """The ok rows, highest `by` first, ties by index; a clear error if `by` is not a numeric column."""
+    if not rows:
+        raise SqsdError(f"{source} holds no rows")
+    if by not in rows[0]:
+        numeric = [k for k, v in rows[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and k != "index"]
+        raise SqsdError(f"--by {by}: {source} has no such column; numeric columns: {', '.join(numeric)}")
+    ok = [r for r in rows if r.get("status") == OK]
+    for r in ok:
+        value = r[by]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            what = "is empty (null)" if value is None else f"is not a finite number ({value!r})"
+            raise SqsdError(f"--by {by}: {source}, row index {r['index']} (id {r['id']!r}): the value {what}"
+                            + ("; was that term scored? (`sqsd score --danger/--safety`)" if value is None else ""))
+    return sorted(ok, key=lambda r: (-r[by], r["index"]))
+
+
+def select(ranked: Sequence[dict[str, Any]], config: FilterConfig) -> dict[str, list[dict[str, Any]]]:
+    """{subset name: rows} for the mode of `config`, from rows ranked by `rank`. kept is in dataset order,
+    dropped and windows in rank order."""
+    n = len(ranked)
+    by_index = lambda rows: sorted(rows, key=lambda r: r["index"])  # noqa: E731
+    if config.windows is not None:
+        k, size = config.windows, config.window_size
+        assert size is not None  # FilterConfig checks it
+        if k * size > n:
+            raise SqsdError(f"--windows {k} --window-size {size} needs {k * size} scored samples without overlap, "
+                            f"but the scores have {n} ok row(s); use fewer or smaller windows")
+        return {f"S{i + 1}": list(ranked[s:s + size]) for i, s in enumerate(window_starts(n, k, size))}
+    if config.keep_bottom is not None:
+        if config.keep_bottom > n:
+            raise SqsdError(f"--keep-bottom {config.keep_bottom} exceeds the {n} ok row(s) of the scores")
+        return {"kept": by_index(ranked[n - config.keep_bottom:])}
+    if config.drop_top is not None:
+        drop = config.drop_top
+        if drop >= n:
+            raise SqsdError(f"--drop-top {drop} would drop all {n} ok row(s) of the scores")
+    else:
+        assert config.drop_top_percent is not None
+        drop = math.floor(config.drop_top_percent * n / 100 + 0.5)
+    return {"kept": by_index(ranked[drop:]), "dropped": list(ranked[:drop])}
+
+
+def _scored_config(scores: Path) -> dict[str, Any]:
+    run = scores.parent / RUN_FILE
+    return json.loads(run.read_text()).get("config", {}) if run.is_file() else {}
+
+
+def _records(config: FilterConfig, scores: Path) -> tuple[str, list[Record]]:
+    """The records that were scored: `config.data`, else the scores' run.json data, read as it was read."""
+    scored = _scored_config(scores)
+    data = config.data or scored.get("data")
+    if not data:
+        raise SqsdError(f"no --data given and {scores.parent / RUN_FILE} does not name the scored dataset; pass "
+                        "--data (the same dataset spec that was scored)")
+    loaded = load_records(data, scored.get("format", "auto"), scored.get("split", "train"),
+                          scored.get("on_bad_record", "error"), scored.get("limit"))
+    return data, loaded.records
+
+
+def _check_match(rows: Sequence[dict[str, Any]], records: Sequence[Record], scores: Path, data: str) -> None:
+    if len(rows) != len(records):
+        raise SqsdError(f"{scores} has {len(rows)} rows but {data} gives {len(records)} records; pass the --data "
+                        "that was scored")
+    for r in rows:
+        i = r["index"]
+        if not isinstance(i, int) or not 0 <= i < len(records) or records[i].id != r["id"]:
+            found = records[i].id if isinstance(i, int) and 0 <= i < len(records) else "no record"
+            raise SqsdError(f"{scores}: row index {i} has id {r['id']!r}, but {data} has {found!r} there; pass "
+                            "the --data that was scored")
+
+
+def _write_jsonl(path: Path, lines: Sequence[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(line, ensure_ascii=False, default=str) + "\n" for line in lines)
+    tmp.replace(path)
+
+
+def filter_scores(config: FilterConfig) -> Path:
+    """`sqsd filter`: write the subsets of `config` into `config.output_dir`; returns the folder."""
+    scores = Path(config.scores)
+    rows = read_scores(scores)
+    ranked = rank(rows, config.by, str(scores))
+    subsets = select(ranked, config)
+    data, records = _records(config, scores)
+    _check_match(rows, records, scores, data)
+
+    out = Path(config.output_dir)
+    inputs = {"scores": fingerprint(scores), **data_fingerprints(data)}
+    prepare_run(out, config, inputs, config.overwrite)
+    raw = raw_rows(data, _scored_config(scores).get("split", "train"))
+    positions = {r["index"]: pos for pos, r in enumerate(ranked)}
+    summary: dict[str, Any] = {}
+    for name, chosen in subsets.items():
+        _write_jsonl(out / f"{name}.jsonl", [raw[(records[r["index"]].source, records[r["index"]].row)]
+                                             for r in chosen])
+        values = [r[config.by] for r in chosen]
+        ranks = [positions[r["index"]] for r in chosen]
+        summary[name] = {"file": f"{name}.jsonl", "count": len(chosen),
+                         "min": min(values) if values else None, "max": max(values) if values else None,
+                         "ranks": [min(ranks), max(ranks) + 1] if ranks else None}
+    n_skipped = len(rows) - len(ranked)
+    write_json_atomic(out / FILTER_FILE, {"config": to_dict(config), "scores": str(scores), "data": data,
+                                          "n_rows": len(rows), "n_ok": len(ranked), "n_skipped": n_skipped,
+                                          "subsets": summary})
+    print(f"{len(ranked)} scored row(s) ranked by {config.by} ({n_skipped} skipped row(s) never selected) -> {out}")
+    for s in summary.values():
+        span = "" if s["min"] is None else f", {config.by} {s['min']:.4g} .. {s['max']:.4g}"
+        print(f"  {s['file']:<14} {s['count']:>6} row(s){span}")
+    return out

@@ -1,0 +1,409 @@
+"""`sqsd score`: per-sample SQSD risk scores for a dataset, resumable and shardable across processes.
+
+For every record: the projection of the update it induces onto the danger direction (taken at the danger
+anchor) and onto the safety direction (taken at the safety anchor), and risk = danger − safety (DESIGN §2).
+A term without an anchor is scored in dense mode, at the model itself; a missing term leaves its column empty
+and counts as 0 in the risk.
+
+`score_records` is the core for callers that already hold a model (tests, experiments); `score` is the command:
+it loads data, model, anchors and directions, scores in chunks and merges them into one file.
+
+Output folder:
+    scores.parquet (or scores.jsonl)   one row per record, in dataset order: see COLUMNS
+    chunks/NNNNN.jsonl                 the rows of chunk N (records N*chunk_size ...), each written atomically
+    run.json                           config + fingerprints of model, data, direction files and anchors
+
+Resume: a rerun of the same command skips the chunks already written; once all exist they are merged. A rerun
+of a finished run prints "already done". Chunks, and so batch composition, depend only on the dataset and
+`chunk_size`, never on which process scores them: under `torchrun --nproc_per_node W` rank r scores every W-th
+missing chunk, rank 0 merges, and the file is identical to a single process's.
+    torchrun --nproc_per_node 2 -m sqsd score DATA --danger D.safetensors --safety S.safetensors ...
+
+Skipped records (no response token to score) are rows with status "skipped: <reason>" and null scores, never
+NaN. risk_z z-scores each term over the ok rows of the whole pool (population standard deviation; a term
+with no spread scores 0) and takes the difference.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from tqdm.auto import tqdm
+
+from sqsd.config import ScoreConfig
+from sqsd.data import Record
+from sqsd.directions import Direction
+from sqsd.errors import SqsdError
+from sqsd.render import Encoded, Skip, encode_record
+from sqsd.scoring import project
+
+TERMS = ("danger", "safety")
+COLUMNS = ("index", "id", "danger", "safety", "risk", "risk_z", "n_response_tokens", "loss", "status")
+CHUNKS_DIR = "chunks"
+OK = "ok"
+
+
+@dataclass(frozen=True)
+class Term:
+    """One side of the score: a direction and where the induced update is taken. `adapter` names an adapter
+    loaded in the PeftModel given to `score_records` (None = dense mode at the model itself); `scaling`
+    overrides that adapter's LoRA scaling (None = its own alpha/r; ignored in dense mode)."""
+
+    direction: Direction
+    adapter: str | None = None
+    scaling: float | None = None
+
+    @property
+    def key(self) -> tuple:
+        """Terms with equal keys share one forward/backward pass."""
+        return ("lora", self.adapter, self.scaling) if self.adapter else ("dense",)
+
+
+# --- the core: records -> rows ---------------------------------------------------------------------------------
+
+def _dense_at_base(model: Any, direction: Direction) -> Direction:
+    """`direction` renamed for the base model of a PeftModel, whose adapted linears sit at `<name>.base_layer`."""
+    modules = dict(model.get_base_model().named_modules())
+    return Direction({f"{n}.base_layer" if hasattr(modules.get(n), "base_layer") else n: t
+                      for n, t in direction.modules.items()}, direction.kind, direction.meta)
+
+
+def _passes(model: Any, terms: dict[str, Term]) -> list[tuple[tuple, list[str]]]:
+    """[(key, term names)]: terms at the same anchor and scaling (or both dense) share a pass."""
+    from peft import PeftModel
+
+    groups: dict[tuple, list[str]] = {}
+    for name, term in terms.items():
+        if term.adapter and not isinstance(model, PeftModel):
+            raise SqsdError(f"the {name} term is taken at adapter {term.adapter!r}, but the model has no adapters")
+        groups.setdefault(term.key, []).append(name)
+    return list(groups.items())
+
+
+def _batches(samples: Sequence[tuple[int, Encoded]], batch_size: int) -> Iterator[list[tuple[int, Encoded]]]:
+    """Length-bucketed batches (the same rule as `scoring.project`): sort by length, cut consecutive slices."""
+    ordered = sorted(samples, key=lambda item: len(item[1].input_ids))
+    for start in range(0, len(ordered), batch_size):
+        yield ordered[start:start + batch_size]
+
+
+def _project_pass(model: Any, key: tuple, directions: list[Direction], samples: list[Encoded],
+                  pad_token_id: int) -> Any:
+    """Projections of `samples` on `directions` at the anchor of `key` (one batch: `samples` is one)."""
+    from peft import PeftModel
+
+    kwargs = {"pad_token_id": pad_token_id, "batch_size": len(samples), "progress": False}
+    if key[0] == "lora":
+        model.set_adapter(key[1])
+        return project(model, samples, directions, scaling=key[2], **kwargs)
+    if isinstance(model, PeftModel):  # dense mode with adapters loaded: switch them off, hook the base linears
+        with model.disable_adapter():
+            return project(model.get_base_model(), samples, [_dense_at_base(model, d) for d in directions],
+                           **kwargs)
+    return project(model, samples, directions, **kwargs)
+
+
+def _skip_row(index: int, record_id: str, reason: str) -> dict[str, Any]:
+    return {"index": index, "id": record_id, "danger": None, "safety": None, "risk": None,
+            "n_response_tokens": None, "loss": None, "status": f"skipped: {reason}"}
+
+
+def score_records(model: Any, tokenizer: Any, records: Sequence[Record], *, danger: Term | None = None,
+                  safety: Term | None = None, metric: str = "cosine-sum", system_prompt: str | None = None,
+                  max_length: int = 512, batch_size: int = 8, first_index: int = 0,
+                  bar: tqdm | None = None) -> list[dict[str, Any]]:
+    """Score `records` at `model` (a PeftModel holding the terms' adapters, or a plain model for dense terms).
+
+    Returns one row per record in order, with every column of COLUMNS but risk_z (a pool statistic, see
+    `add_risk_z`); `index` counts from `first_index`. `bar` is advanced by the samples of each batch.
+    """
+    terms = {name: term for name, term in (("danger", danger), ("safety", safety)) if term is not None}
+    if not terms:
+        raise SqsdError("nothing to score: give a danger and/or a safety direction")
+    passes = _passes(model, terms)
+    device = next(model.parameters()).device
+    dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+    directions = {name: term.direction.to(dtype, device) for name, term in terms.items()}
+    loss_term = "danger" if "danger" in terms else "safety"
+    rows: list[dict[str, Any] | None] = [None] * len(records)
+    samples: list[tuple[int, Encoded]] = []
+    for i, record in enumerate(records):
+        encoded = encode_record(record, tokenizer, system_prompt, max_length)
+        if isinstance(encoded, Skip):
+            rows[i] = _skip_row(first_index + i, record.id, encoded.reason)
+        else:
+            samples.append((i, encoded))
+    for batch in _batches(samples, batch_size):
+        values: dict[str, torch.Tensor] = {}
+        loss = None
+        for key, names in passes:
+            p = _project_pass(model, key, [directions[n] for n in names], [e for _, e in batch],
+                              tokenizer.pad_token_id)
+            scores = p.metric(metric)
+            for d, name in enumerate(names):
+                values[name] = scores[:, d]
+            if loss_term in names:
+                loss = p.loss
+        for b, (i, encoded) in enumerate(batch):
+            row = {"index": first_index + i, "id": records[i].id,
+                   **{name: float(values[name][b]) if name in values else None for name in TERMS}}
+            row["risk"] = (row["danger"] or 0.0) - (row["safety"] or 0.0)
+            row.update(n_response_tokens=encoded.n_response_tokens, loss=float(loss[b]), status=OK)
+            bad = [k for k in ("danger", "safety", "loss") if row[k] is not None and not math.isfinite(row[k])]
+            rows[i] = _skip_row(row["index"], row["id"], f"non-finite {bad[0]} ({row[bad[0]]}); the model "
+                                "overflows in this dtype? try --dtype float32") if bad else row
+        if bar is not None:
+            bar.update(len(batch))
+    return rows  # type: ignore[return-value]
+
+
+def add_risk_z(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with risk_z: each present term z-scored over the ok rows, then z(danger) − z(safety)."""
+    ok = [r for r in rows if r["status"] == OK]
+    stats = {}
+    for term in TERMS:
+        values = [r[term] for r in ok if r[term] is not None]
+        if values:
+            mean = math.fsum(values) / len(values)
+            std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / len(values))
+            stats[term] = (mean, std)
+
+    def z(row: dict[str, Any], term: str) -> float:
+        if term not in stats or row[term] is None:
+            return 0.0
+        mean, std = stats[term]
+        return (row[term] - mean) / std if std > 0 else 0.0
+
+    return [{**r, "risk_z": z(r, "danger") - z(r, "safety") if r["status"] == OK else None} for r in rows]
+
+
+# --- score files -------------------------------------------------------------------------------------------------
+
+def write_scores(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Write rows (COLUMNS) to `path` (.parquet or .jsonl) atomically: a temporary file, then a rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        types = {"index": pa.int64(), "id": pa.string(), "n_response_tokens": pa.int64(), "status": pa.string()}
+        schema = pa.schema([(c, types.get(c, pa.float64())) for c in COLUMNS])
+        pq.write_table(pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in rows], schema=schema),
+                       str(tmp))
+    else:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({c: r.get(c) for c in COLUMNS}) + "\n" for r in rows)
+    os.replace(tmp, path)
+    return path
+
+
+def read_scores(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a scores file written by `sqsd score` (.parquet or .jsonl); nulls come back as None."""
+    path = Path(path)
+    if not path.is_file():
+        raise SqsdError(f"scores file {path} does not exist")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(str(path)).to_pylist()
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise SqsdError(f"{path}:{number}: not a JSON line ({e.msg})") from None
+    return rows
+
+
+def _write_chunk(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """One finished chunk, whole or not at all (a temporary file, fsync, then a rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _chunk_path(folder: Path, chunk: int) -> Path:
+    return folder / CHUNKS_DIR / f"{chunk:05d}.jsonl"
+
+
+def _merge(folder: Path, records: Sequence[Record], n_chunks: int, output: Path) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for chunk in range(n_chunks):
+        path = _chunk_path(folder, chunk)
+        if not path.exists():
+            raise SqsdError(f"{path} is missing; rerun the same command to score it")
+        rows += read_scores(path)
+    if [r["index"] for r in rows] != list(range(len(records))) or any(
+            r["id"] != rec.id for r, rec in zip(rows, records)):
+        raise SqsdError(f"the chunks in {folder / CHUNKS_DIR} do not match the data (ids or order differ); rerun "
+                        "with --overwrite")
+    rows = add_risk_z(rows)
+    write_scores(rows, output)
+    return rows
+
+
+def _summary(rows: Sequence[dict[str, Any]], output: Path) -> str:
+    ok = sorted((r for r in rows if r["status"] == OK), key=lambda r: (-r["risk"], r["index"]))
+    skipped = [r for r in rows if r["status"] != OK]
+    lines = [f"{len(rows)} record(s): {len(ok)} scored, {len(skipped)} skipped -> {output}"]
+    reasons: dict[str, int] = {}
+    for r in skipped:
+        reasons[r["status"]] = reasons.get(r["status"], 0) + 1
+    lines += [f"  {n} x {status}" for status, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:3]]
+    if ok:
+        def fmt(v: float | None) -> str:
+            return "-" if v is None else f"{v:+.4f}"
+        lines.append(f"riskiest {min(5, len(ok))}:\n  {'risk':>9} {'danger':>9} {'safety':>9}  id")
+        lines += [f"  {fmt(r['risk']):>9} {fmt(r['danger']):>9} {fmt(r['safety']):>9}  {r['id']}" for r in ok[:5]]
+    return "\n".join(lines)
+
+
+# --- the command -------------------------------------------------------------------------------------------------
+
+def output_path(config: ScoreConfig) -> Path:
+    return Path(config.output_dir) / f"scores.{config.format_out}"
+
+
+def _inputs(config: ScoreConfig) -> dict[str, str]:
+    from sqsd.runs import data_fingerprints, fingerprint, model_fingerprint
+
+    inputs = {"model": model_fingerprint(config.model), **data_fingerprints(config.data)}
+    for term in TERMS:
+        for key, value in ((term, getattr(config, term)), (f"{term}_anchor", getattr(config, f"{term}_anchor"))):
+            if value:
+                inputs[key] = fingerprint(value)
+    return inputs
+
+
+def _check_inputs(config: ScoreConfig) -> None:
+    for term in TERMS:
+        path, anchor = getattr(config, term), getattr(config, f"{term}_anchor")
+        if path and not Path(path).is_file():
+            raise SqsdError(f"--{term}: direction file {path} does not exist")
+        if anchor and not (Path(anchor) / "adapter_config.json").is_file():
+            raise SqsdError(f"--{term}-anchor: {anchor} is not a PEFT adapter folder (no adapter_config.json)")
+
+
+def _prepare(config: ScoreConfig) -> str:
+    """Check/create the output folder (rank 0 only): "done" when the merged file exists, else "run"."""
+    from sqsd.runs import prepare_run
+
+    _check_inputs(config)
+    resuming = prepare_run(config.output_dir, config, _inputs(config), config.overwrite)
+    (Path(config.output_dir) / CHUNKS_DIR).mkdir(exist_ok=True)
+    return "done" if resuming and output_path(config).exists() else "run"
+
+
+def _broadcast(state: PartialState, obj: Any) -> Any:
+    """`obj` from rank 0 on every rank (itself when not distributed)."""
+    if not state.use_distributed:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def load_terms(config: ScoreConfig, model: Any) -> tuple[Any, dict[str, Term]]:
+    """Check the directions against `model`, load the anchors into it (a PeftModel when any is given), and
+    return (model to score at, {term: Term})."""
+    from peft import PeftModel
+
+    from sqsd import directions as D
+    from sqsd.runs import model_fingerprint
+
+    base_fp = model_fingerprint(config.model)
+    wanted = [term for term in TERMS if getattr(config, term)]
+    directions = {term: D.load(getattr(config, term)) for term in wanted}
+    for direction in directions.values():
+        D.check(direction, model, base_fp)  # before any adapter wraps the linears
+    terms: dict[str, Term] = {}
+    loaded: dict[Path, str] = {}  # anchor folder -> adapter name
+    for term in wanted:
+        anchor = getattr(config, f"{term}_anchor")
+        if not anchor:
+            terms[term] = Term(directions[term])
+            continue
+        folder = Path(anchor).resolve()
+        if folder not in loaded:
+            if isinstance(model, PeftModel):
+                model.load_adapter(anchor, adapter_name=term)
+            else:
+                model = PeftModel.from_pretrained(model, anchor, adapter_name=term)
+            loaded[folder] = term
+        terms[term] = Term(directions[term], loaded[folder], getattr(config, f"{term}_scaling"))
+    return model.eval(), terms
+
+
+def score(config: ScoreConfig) -> Path:
+    """`sqsd score`: score `config.data` into `config.output_dir` (see the module docstring); returns the file."""
+    from sqsd.data import load_from_config
+    from sqsd.model import load_model
+
+    state = PartialState(cpu=config.device == "cpu")
+    main, rank, world = state.is_main_process, state.process_index, state.num_processes
+    output = output_path(config)
+    decision: Any = None
+    if main:
+        try:
+            decision = _prepare(config)
+        except SqsdError as e:
+            decision = e
+    decision = _broadcast(state, decision)
+    if isinstance(decision, SqsdError):
+        raise decision
+    if decision == "done":
+        if main:
+            print(f"already done: {output} holds the scores of this config; pass another --output-dir (or "
+                  "--overwrite) to score again")
+        state.wait_for_everyone()
+        return output
+
+    folder = Path(config.output_dir)
+    loaded = load_from_config(config)
+    if loaded.bad and main:
+        print(f"{len(loaded.bad)} bad record(s) left out (--on-bad-record skip); `sqsd data inspect` lists them")
+    records = loaded.records
+    n_chunks = -(-len(records) // config.chunk_size)
+    missing = [c for c in range(n_chunks) if not _chunk_path(folder, c).exists()]
+    state.wait_for_everyone()  # every rank has listed the chunks before any rank writes one
+    mine = missing[rank::world]
+    if mine:
+        device = str(state.device) if state.use_distributed and config.device != "cpu" else config.device
+        model, tokenizer = load_model(config.model, config.dtype, device)
+        model, terms = load_terms(config, model)
+        todo = sum(len(records[c * config.chunk_size:(c + 1) * config.chunk_size]) for c in mine)
+        if main:
+            print(f"{len(records)} record(s) in {n_chunks} chunk(s) of {config.chunk_size}: "
+                  f"{n_chunks - len(missing)} done, {len(missing)} to score"
+                  + (f" over {world} processes" if world > 1 else ""), flush=True)
+        start = time.perf_counter()
+        desc = "score" if world == 1 else f"score (rank 0 of {world})"
+        with tqdm(total=todo, unit="sample", desc=desc, disable=not main) as bar:
+            for chunk in mine:
+                first = chunk * config.chunk_size
+                rows = score_records(model, tokenizer, records[first:first + config.chunk_size],
+                                     danger=terms.get("danger"), safety=terms.get("safety"), metric=config.metric,
+                                     system_prompt=config.system_prompt, max_length=config.max_length,
+                                     batch_size=config.batch_size, first_index=first, bar=bar)
+                _write_chunk(_chunk_path(folder, chunk), rows)
+        if main:
+            print(f"scored {todo} sample(s) in {time.perf_counter() - start:.1f} s on this process", flush=True)
+    state.wait_for_everyone()  # all chunks are written
+    if main:
+        rows = _merge(folder, records, n_chunks, output)
+        print(_summary(rows, output), flush=True)
+    state.wait_for_everyone()  # no rank returns before the merged file exists
+    return output
