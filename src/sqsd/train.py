@@ -286,9 +286,23 @@ def train(config: TrainConfig) -> Path:
 
     device = str(state.device) if state.use_distributed and config.device != "cpu" else config.device
     model, tokenizer = load_model(config.model, config.dtype, device)
+    callbacks = []
+    if config.track:  # drift tracking: trajectory.jsonl (sqsd.drift)
+        from sqsd.drift import tracker_from_config
+
+        base = json.loads((output_dir / RUN_FILE).read_text())["inputs"]["model"] if state.is_main_process else None
+        base = _broadcast(state, base)  # every rank checks the directions alike, so a refusal stops them all
+        callbacks.append(tracker_from_config(config, model, tokenizer, output_dir, main=state.is_main_process,
+                                             base_fingerprint=base))
     result = train_model(model, tokenizer, loaded.records, dataclasses.replace(config, resume=decision == "resume"),
-                         output_dir)
+                         output_dir, callbacks=callbacks)
     if state.is_main_process:
+        if config.track:
+            from sqsd.drift import TRAJECTORY_FILE, TRAJECTORY_PLOT
+            from sqsd.report import plot_trajectory
+
+            plot_trajectory(output_dir / TRAJECTORY_FILE, output_dir / TRAJECTORY_PLOT)
+            print(f"drift: {output_dir / TRAJECTORY_FILE}   plot: {output_dir / TRAJECTORY_PLOT}")
         summary = {"steps": result.steps, "first_loss": result.first_loss, "last_loss": result.last_loss,
                    "train_seconds": round(result.seconds, 1), "wall_seconds": round(time.perf_counter() - start, 1),
                    "train_records": result.n_train,
