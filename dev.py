@@ -56,9 +56,7 @@ def main(argv: list[str]) -> int:
         ],
         # The furthest stages that exist so far; becomes the full offline pipeline with the scorer.
         "demo": [
-            [PY, "-m", "sqsd", "assets", "fetch"],
-            [PY, "-m", "sqsd", "data", "inspect", "dolly-sqsd", "--model", "smollm2"],
-            [PY, "-m", "sqsd", "model", "info", "smollm2"],
+            [PY, "-m", "sqsd", "demo"],
         ],
         "setup": [],
     }

@@ -1,9 +1,11 @@
 """Scoring speed on SmolLM2: fast path vs reference path vs the floor, on the same samples, in one run.
 
-    python bench/score_speed.py [--n 64] [--batch-size 8] [--max-length 512] [--repeats 3]
+    python bench/score_speed.py [--n 48] [--batch-size 8] [--max-length 512] [--repeats 3]
 
+The samples are a seeded random draw from the whole `dolly-sqsd` pool (all three windows), so their lengths are
+those a real scoring run sees.
 - fast: `scoring.project` (batched, hooks, factor space), two low-rank directions;
-- reference: `scoring.reference_project` (batch 1, plain autograd, dense δW) on the first `--n-ref` samples;
+- reference: `scoring.reference_project` (batch 1, plain autograd, dense δW) on the same samples;
 - floor: a plain batched forward + backward over the same batches with the same trainable parameters (the LoRA
   factors) and no scoring — the unavoidable cost.
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import resource
 import statistics
 import subprocess
@@ -36,7 +39,8 @@ def setup(n: int, max_length: int):
     model, tokenizer = load_model("smollm2")
     anchor = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
                                               init_lora_weights=False)).eval()
-    records = load_records("dolly-sqsd:S1", limit=n).records
+    pool = load_records("dolly-sqsd").records
+    records = [pool[i] for i in random.Random(0).sample(range(len(pool)), n)]
     samples = [e for _, e in encode_records(records, tokenizer, max_length=max_length)[0]]
     g = torch.Generator().manual_seed(1)
     directions = []
@@ -68,13 +72,12 @@ def phase(name: str, args: argparse.Namespace) -> dict:
             times.append(time.perf_counter() - t)
         n = len(samples)
     elif name == "reference":
-        subset = samples[: args.n_ref]
-        reference_project(anchor, subset[:1], directions)
+        reference_project(anchor, samples[:1], directions)
         for _ in range(args.repeats):
             t = time.perf_counter()
-            reference_project(anchor, subset, directions)
+            reference_project(anchor, samples, directions)
             times.append(time.perf_counter() - t)
-        n = len(subset)
+        n = len(samples)
     else:  # floor: same batches (length-sorted), LoRA factors trainable, HF forward + loss + backward
         for p_name, p in anchor.named_parameters():
             p.requires_grad_("lora_" in p_name)
@@ -98,8 +101,7 @@ def phase(name: str, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=64)
-    parser.add_argument("--n-ref", type=int, default=16)
+    parser.add_argument("--n", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
@@ -110,7 +112,7 @@ def main() -> None:
         return
     results = {}
     for name in ("floor", "fast", "reference"):
-        cmd = [sys.executable, __file__, "--phase", name, "--n", str(args.n), "--n-ref", str(args.n_ref),
+        cmd = [sys.executable, __file__, "--phase", name, "--n", str(args.n),
                "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
                "--repeats", str(args.repeats)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]

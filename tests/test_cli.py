@@ -1,4 +1,6 @@
 import dataclasses
+import typing
+from typing import Literal
 
 import pytest
 
@@ -10,12 +12,16 @@ from sqsd.cli import COMMANDS, build_parser, main
 def test_every_option_default_is_the_dataclass_default(key):
     """The CLI adds no defaults of its own: parsing only the required options gives the dataclass defaults."""
     cls = COMMANDS[key][0]
-    required = {f.name: "x" for f in dataclasses.fields(cls)
+    hints = typing.get_type_hints(cls)
+    # a required option gets "x", or its first choice when it has choices
+    required = {f.name: (typing.get_args(hints[f.name]) or ("x",))[0] if typing.get_origin(hints[f.name]) is Literal
+                else "x" for f in dataclasses.fields(cls)
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
     argv = list(key)
     for f in dataclasses.fields(cls):
         if f.name in required:
-            argv += ["x"] if f.metadata.get("positional") else ["--" + f.name.replace("_", "-"), "x"]
+            value = required[f.name]
+            argv += [value] if f.metadata.get("positional") else ["--" + f.name.replace("_", "-"), value]
     args = vars(build_parser().parse_args(argv))
     for f in dataclasses.fields(cls):
         if f.name not in required:

@@ -28,6 +28,8 @@ COMMANDS: dict[tuple[str, ...], tuple[type, str, str]] = {
     ("train",): (C.TrainConfig, "sqsd.train:train", "supervised fine-tuning (LoRA or full) on the HF Trainer"),
     ("generate",): (C.GenerateConfig, "sqsd.generate:generate", "batched generation over prompts, resumable"),
     ("align",): (C.AlignConfig, "sqsd.align:align", "make an unaligned chat model refuse harmful requests"),
+    ("demo",): (C.DemoConfig, "sqsd.pipeline:demo", "the whole offline pipeline: align, directions, anchor, "
+                                                     "score dolly-sqsd, riskiest/safest samples and windows"),
     ("directions", "data"): (C.DirectionsDataConfig, "sqsd.direction_tools:directions_data",
                              "offline recipe data for a danger or safety direction"),
     ("directions", "build"): (C.DirectionsBuildConfig, "sqsd.direction_tools:build",
@@ -38,6 +40,15 @@ COMMANDS: dict[tuple[str, ...], tuple[type, str, str]] = {
                              "norms per layer/module and cosines between directions"),
     ("evaluate",): (C.EvaluateConfig, "sqsd.evaluate:evaluate_cli", "ASR with CIs on harmful prompts, over-refusal "
                                                                      "on benign ones"),
+    ("score",): (C.ScoreConfig, "sqsd.score:score", "per-sample SQSD risk scores: danger and safety projections, "
+                                                  "resumable, distributed"),
+    ("filter",): (C.FilterConfig, "sqsd.filter:filter_scores", "subsets of a scored dataset in its own format: drop "
+                                                             "the riskiest, keep the safest, or windows S1..SK"),
+    ("steer",): (C.SteerConfig, "sqsd.steer:steer_cli", "ASR of base + alpha * direction for a grid of alpha"),
+    ("report", "trajectory"): (C.ReportTrajectoryConfig, "sqsd.report:report_trajectory_cli",
+                               "plot a trajectory.jsonl (drift along directions, ASR at steps)"),
+    ("report", "steering"): (C.ReportSteeringConfig, "sqsd.report:report_steering_cli",
+                             "plot a steering.jsonl (ASR vs alpha per direction)"),
 }
 
 
@@ -71,6 +82,7 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, hint: Any)
         kwargs["default"] = default
         if kwargs["help"] and default not in (None, (), []):
             kwargs["help"] += f" (default: {default})"
+    kwargs["help"] = kwargs["help"].replace("%", "%%")  # argparse %-formats help ("95% CI" crashed --help)
     if f.metadata.get("positional"):
         if not required:
             kwargs["nargs"] = "?"

@@ -135,6 +135,13 @@ class TrainConfig(DataArgs, ModelArgs, RenderArgs):
     logging_steps: int = arg(1, help="log the loss every N steps")
     save_every: int | None = arg(None, help="save a checkpoint every N steps")
     save_at: tuple[int, ...] = arg((), help="save checkpoints at exactly these steps (e.g. 50 100 400)")
+    track: tuple[str, ...] = arg((), help="direction files to track: at every logging step, project the cumulative "
+                                          "weight change on each into trajectory.jsonl (`sqsd.drift`)")
+    track_eval_steps: tuple[int, ...] = arg((), help="with --track, also measure ASR (greedy, keyword judge) at "
+                                                     "these steps (0 = before training)")
+    track_eval_harmful: str = arg("harmbench@eval", help="harmful prompts for --track-eval-steps")
+    track_eval_limit: int = arg(32, help="use the first N prompts of --track-eval-harmful")
+    track_eval_max_new_tokens: int = arg(48, help="new tokens per response for --track-eval-steps")
     merge: bool = arg(False, help="also write base+adapter merged into a plain model folder (merged/)")
     resume: bool = arg(False, help="continue from the last checkpoint in output_dir (an identical rerun of an "
                                    "unfinished run does so by itself; with this flag, no checkpoint is an error)")
@@ -154,6 +161,12 @@ class TrainConfig(DataArgs, ModelArgs, RenderArgs):
         _check(all(s > 0 for s in self.save_at), "--save-at steps must be positive")
         _check(not (self.merge and self.method == "full"), "--merge applies to --method lora (a full fine-tune "
                                                             "already writes a plain model folder)")
+        _check(not self.track_eval_steps or bool(self.track), "--track-eval-steps needs --track (direction files)")
+        _check(all(s >= 0 for s in self.track_eval_steps), "--track-eval-steps must be >= 0")
+        _check(self.max_steps is None or all(s <= self.max_steps for s in self.track_eval_steps),
+               "--track-eval-steps beyond --max-steps are never reached")
+        _check(self.track_eval_limit > 0 and self.track_eval_max_new_tokens > 0,
+               "--track-eval-limit and --track-eval-max-new-tokens must be positive")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -320,3 +333,164 @@ class AlignConfig(ModelArgs, RenderArgs):
         _check(self.n_harmful is None or self.n_harmful > 0, "--n-harmful must be positive")
         _check(self.n_benign is None or self.n_benign > 0, "--n-benign must be positive")
         _check(self.learning_rate > 0 and self.epochs > 0, "--learning-rate and --epochs must be positive")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoConfig:
+    """`sqsd demo`: the whole offline pipeline — align SmolLM2, build the danger and safety directions and the
+    benign anchor, score a sample of dolly-sqsd, write the riskiest/safest samples and S1..Sk windows.
+
+    Each stage keeps its own folder under OUTPUT_DIR and is reused on a rerun; the stages' own settings are
+    the defaults of their commands (`sqsd align`, `sqsd directions data|build`, `sqsd train`, `sqsd score`).
+    """
+
+    output_dir: str = arg("runs/demo", help="folder for every stage's outputs")
+    n_pool: int | None = arg(600, help="score a seeded sample of this many of the 3,000 dolly-sqsd samples "
+                                       "(unset = all; ~1 sample/s on 2 CPU cores)")
+    n_windows: int = arg(5, help="windows S1..Sk cut from the risk ranking (S1 = riskiest)")
+    window_size: int = arg(100, help="samples per window")
+    anchor_epochs: float = arg(1.0, help="epochs of the benign anchor adapter")
+    max_length: int = arg(256, help="maximum tokens per sample for directions, anchor and scoring")
+    batch_size: int = arg(8, help="scoring batch size")
+    seed: int = arg(0, help="seed of the pool sample")
+
+    def __post_init__(self) -> None:
+        _check(self.n_pool is None or 0 < self.n_pool <= 3000, "--n-pool must be in 1..3000")
+        _check(self.n_windows >= 2 and self.window_size > 0, "--n-windows must be >= 2, --window-size > 0")
+        _check(self.n_windows * self.window_size <= (self.n_pool or 3000),
+               "--n-windows x --window-size must not exceed --n-pool")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SteerConfig(ModelArgs):
+    """`sqsd steer`: the safety of θ₀ + α·s·T for a grid of α, per direction (DESIGN §2 mechanism analysis (b)).
+
+    s is the direction's own scaling (`meta["scaling"]`, the adapter's alpha/r; 1.0 when absent), so α = 1
+    reproduces the adapter the direction came from, merged into the weights, and α = 0 is the base model.
+    Each (direction, α) is evaluated as `sqsd evaluate` does, into OUTPUT_DIR/<direction stem>/alpha_<α>/, so
+    reruns reuse its generations; steering.jsonl/.csv/.png in OUTPUT_DIR hold the table and the plot.
+    """
+
+    directions: tuple[str, ...] = arg(help="direction files (`sqsd directions build/import`)", positional=True)
+    output_dir: str = arg(help="folder for the per-(direction, alpha) evaluations and steering.jsonl/.csv/.png")
+    alphas: tuple[float, ...] = arg((-1.0, -0.5, 0.0, 0.5, 1.0, 2.0), help="steering coefficients α")
+    harmful: str = arg("harmbench@eval", help="harmful prompts: a file, named benchmark or hub id")
+    benign: str | None = arg("alpaca-eval@eval", help="benign prompts for the over-refusal rate; '' to skip")
+    limit: int | None = arg(None, help="use only the first N prompts of each set")
+    max_new_tokens: int = arg(48, help="new tokens per response")
+    batch_size: int = arg(8, help="prompts per batch (left padded)")
+    system_prompt: str | None = arg(None, help="system message; unset = none given; '' = an empty system turn")
+    max_prompt_length: int = arg(1024, help="prompt tokens kept (dropped from the left)")
+    judge: Literal["keyword", "llama-guard", "harmbench"] = arg("keyword", help="who decides unsafe")
+    judge_model: str | None = arg(None, help="checkpoint of the llama-guard / harmbench judge (path or hub id)")
+    judge_batch_size: int = arg(8, help="judge batch size")
+    n_bootstrap: int = arg(1000, help="bootstrap resamples for the 95% confidence intervals")
+    seed: int = arg(0, help="bootstrap seed")
+    overwrite: bool = arg(False, help="replace evaluations made with a different config, direction or model")
+
+    def __post_init__(self) -> None:
+        _check(len(self.directions) >= 1, "give at least one direction file")
+        _check(len(self.alphas) >= 1 and len(set(self.alphas)) == len(self.alphas),
+               "--alphas must be given, each once")
+        _check(self.limit is None or self.limit > 0, "--limit must be positive")
+        _check(self.max_new_tokens > 0 and self.batch_size > 0, "--max-new-tokens, --batch-size must be > 0")
+        _check(self.judge == "keyword" or self.judge_model is not None,
+               f"--judge {self.judge} needs --judge-model (a checkpoint folder or hub id)")
+        _check(self.n_bootstrap >= 100, "--n-bootstrap must be at least 100")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportTrajectoryConfig:
+    """`sqsd report trajectory`: plot a trajectory.jsonl (`sqsd train --track`): the projection of the weight
+    change on each tracked direction against the step, with the ASR where it was measured."""
+
+    file: str = arg(help="a trajectory.jsonl", positional=True)
+    output: str | None = arg(None, help="PNG to write (default: FILE with .png)")
+    metric: Literal["cosine-sum", "projection", "cosine"] = arg("cosine-sum", help="which projection to plot")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportSteeringConfig:
+    """`sqsd report steering`: plot a steering.jsonl (`sqsd steer`): ASR against α per direction, with 95% CIs
+    and the over-refusal rate dashed."""
+
+    file: str = arg(help="a steering.jsonl", positional=True)
+    output: str | None = arg(None, help="PNG to write (default: FILE with .png)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoreConfig(DataArgs, ModelArgs, RenderArgs):
+    """`sqsd score`: per-sample SQSD risk = projection of the update a sample induces on the danger direction
+    minus that on the safety direction. Writes scores.parquet (or .jsonl) with index, id, danger, safety, risk,
+    risk_z, n_response_tokens, loss, status; resumable (chunk by chunk) and shardable with torchrun."""
+
+    danger: str | None = arg(None, help="danger direction file (`sqsd directions build/import`); unset = no danger term")
+    safety: str | None = arg(None, help="safety direction file; unset = no safety term")
+    danger_anchor: str | None = arg(None, help="PEFT adapter folder at which the danger term is taken (the paper: "
+                                               "a warm-up adapter trained on benign data); unset = dense mode, at "
+                                               "the model itself")
+    safety_anchor: str | None = arg(None, help="PEFT adapter folder at which the safety term is taken (the paper: "
+                                               "the safety adapter itself); unset = dense mode")
+    danger_scaling: float | None = arg(None, help="override the danger anchor's LoRA scaling while scoring; unset "
+                                                  "= its own alpha/r")
+    safety_scaling: float | None = arg(1.0, help="override the safety anchor's LoRA scaling while scoring (the "
+                                                 "paper: 1.0 or 0.8); pass its alpha/r to keep the adapter's own; "
+                                                 "ignored without --safety-anchor")
+    metric: Literal["cosine-sum", "projection", "cosine"] = arg("cosine-sum", help="cosine-sum (the paper's: "
+                                                                "one cosine per module, summed), projection "
+                                                                "(<update, d>/|d|) or cosine (of the whole "
+                                                                "vectors)")
+    max_length: int = arg(512, help="maximum tokens per sample; prompt tokens are dropped from the left first")
+    batch_size: int = arg(8, help="samples per forward/backward (length-bucketed within a chunk)")
+    chunk_size: int = arg(256, help="samples per resumable chunk (and per unit of work across processes)")
+    output_dir: str = arg(help="folder for scores.parquet/.jsonl, chunks/ and run.json")
+    format_out: Literal["parquet", "jsonl"] = arg("parquet", help="format of the scores file")
+    overwrite: bool = arg(False, help="replace an output_dir made with a different config or inputs")
+
+    def __post_init__(self) -> None:
+        DataArgs.__post_init__(self)
+        RenderArgs.__post_init__(self)
+        _check(bool(self.danger or self.safety), "give --danger and/or --safety (a direction file each)")
+        for term in ("danger", "safety"):
+            _check(getattr(self, term) or not getattr(self, f"{term}_anchor"),
+                   f"--{term}-anchor is given but --{term} is not: which direction should be scored there?")
+            scaling = getattr(self, f"{term}_scaling")
+            _check(scaling is None or 0 < scaling < float("inf"),
+                   f"--{term}-scaling must be a positive number")
+        _check(self.batch_size > 0, "--batch-size must be positive")
+        _check(self.chunk_size > 0, "--chunk-size must be positive")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FilterConfig:
+    """`sqsd filter`: write subsets of a scored dataset in the dataset's own format (JSONL), by one of: dropping
+    the riskiest samples, keeping the safest, or the paper's K evenly spaced windows S1 (riskiest) ... SK."""
+
+    scores: str = arg(help="a scores.parquet / scores.jsonl written by `sqsd score`", positional=True)
+    data: str | None = arg(None, help="the dataset that was scored (default: the `data` in the scores' run.json, "
+                                      "read with the same format, split and limit)")
+    output_dir: str = arg(help="folder for kept.jsonl / dropped.jsonl or S1.jsonl ... SK.jsonl, and filter.json")
+    by: str = arg("risk", help="column to rank by, higher = riskier: risk, risk_z, danger, safety, or any numeric "
+                               "column (e.g. n_response_tokens for a length baseline)")
+    drop_top_percent: float | None = arg(None, help="drop the riskiest P percent, keep the rest")
+    drop_top: int | None = arg(None, help="drop the K riskiest, keep the rest")
+    keep_bottom: int | None = arg(None, help="keep only the K least risky")
+    windows: int | None = arg(None, help="write K windows S1..SK at evenly spaced ranks (needs --window-size)")
+    window_size: int | None = arg(None, help="samples per window (with --windows)")
+    overwrite: bool = arg(False, help="replace an output_dir made with a different config or inputs")
+
+    def __post_init__(self) -> None:
+        _check(self.window_size is None or self.windows is not None, "--window-size needs --windows")
+        modes = [name for name in ("drop_top_percent", "drop_top", "keep_bottom", "windows")
+                 if getattr(self, name) is not None]
+        _check(len(modes) == 1, "choose exactly one of --drop-top-percent, --drop-top, --keep-bottom, --windows"
+               + (f" (got {', '.join('--' + m.replace('_', '-') for m in modes)})" if modes else ""))
+        _check(self.drop_top_percent is None or 0 < self.drop_top_percent < 100,
+               "--drop-top-percent must be between 0 and 100 (exclusive)")
+        _check(self.drop_top is None or self.drop_top > 0, "--drop-top must be positive")
+        _check(self.keep_bottom is None or self.keep_bottom > 0, "--keep-bottom must be positive")
+        _check(self.windows is None or self.windows > 0, "--windows must be positive")
+        _check(self.windows is None or self.window_size is not None,
+               "--windows needs --window-size (samples per window)")
+        _check(self.window_size is None or self.window_size > 0, "--window-size must be positive")
+        _check(bool(self.by.strip()), "--by must name a column")

@@ -1,0 +1,170 @@
+"""`sqsd demo`: the whole offline pipeline on the built-in default, each stage reused when already done.
+
+fetch assets → align SmolLM2 (`align/model`) → danger and safety data and directions (`directions/`) → a benign
+anchor adapter on AlpacaEval's `@directions` split (`anchor/`, disjoint from the scored pool) → score a seeded
+sample of the `dolly-sqsd` pool (`scores-nN/`) → the 20 riskiest and 20 safest samples, S1..Sk windows, and how
+our ranking compares with the paper's own scores (`scores-nN/summary.json`).
+
+Every stage is a library call with its own config and run folder, so a rerun skips what is done and a changed
+setting is refused by the stage it concerns (pass `--overwrite` to that stage's own command to redo it).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from sqsd.config import (
+    AlignConfig,
+    AssetsFetchConfig,
+    DemoConfig,
+    DirectionsBuildConfig,
+    DirectionsDataConfig,
+    FilterConfig,
+    ScoreConfig,
+    TrainConfig,
+)
+from sqsd.runs import write_json_atomic
+
+POOL = "dolly-sqsd"
+
+
+def _stage(name: str) -> float:
+    print(f"\n=== {name} ===", flush=True)
+    return time.perf_counter()
+
+
+def write_pool(out: Path, n: int | None, seed: int) -> Path:
+    """A seeded sample of `n` dolly-sqsd rows (all 3,000 when n is None), in dolly format with the paper's
+    columns and window kept, as pool.jsonl; written once."""
+    from sqsd.data import load_records, raw_rows
+
+    path = out / "pool.jsonl"
+    if path.exists():
+        return path
+    records, fields = load_records(POOL).records, raw_rows(POOL)
+    if n is not None and n < len(records):
+        records = [records[i] for i in sorted(random.Random(seed).sample(range(len(records)), n))]
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps({**fields[(r.source, r.row)], "window": r.source.rpartition(":")[2]}, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _ranks(x: pd.Series) -> pd.Series:
+    return x.rank(method="average")
+
+
+def spearman(a: pd.Series, b: pd.Series) -> float:
+    """Spearman's rho: the Pearson correlation of average ranks (ties shared)."""
+    return float(_ranks(a).corr(_ranks(b)))
+
+
+def auc(scores: pd.Series, positive: pd.Series) -> float:
+    """P(score of a positive > score of a negative) + ½ P(tie): the Mann–Whitney form of the ROC AUC."""
+    ranks = _ranks(scores)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def compare_with_paper(scores: pd.DataFrame, pool: pd.DataFrame) -> dict[str, Any]:
+    """Our risk and plain response length against the paper's `Danger-safe` score and its S1/S5 windows."""
+    table = pool.assign(risk=scores["risk"].to_numpy(), ours_length=scores["n_response_tokens"].to_numpy(),
+                        ok=(scores["status"] == "ok").to_numpy())
+    table = table[table["ok"]]
+    ends = table[table["window"].isin(["S1", "S5"])]
+    s1 = ends["window"] == "S1"
+    out: dict[str, Any] = {"n": len(table), "n_S1": int(s1.sum()), "n_S5": int((~s1).sum())}
+    for name, column in (("sqsd_risk", "risk"), ("response_length", "ours_length")):
+        out[name] = {"spearman_vs_paper_danger_safe": spearman(table[column], table["Danger-safe"]),
+                     "auc_S1_vs_S5": auc(ends[column], s1) if s1.any() and (~s1).any() else None}
+    return out
+
+
+def demo(config: DemoConfig) -> dict[str, Any]:
+    """Run (or resume) every stage; returns the summary that is also written to scores-nN/summary.json."""
+    from sqsd.align import align
+    from sqsd.assets import fetch
+    from sqsd.direction_tools import build, directions_data
+    from sqsd.filter import filter_scores
+    from sqsd.score import score
+    from sqsd.train import train
+
+    run = Path(config.output_dir)
+    timings: dict[str, float] = {}
+    t = _stage("1/6 assets")
+    fetch(AssetsFetchConfig())
+    timings["assets"] = time.perf_counter() - t
+
+    t = _stage("2/6 align SmolLM2 (harmful -> refusal, benign -> its own answers)")
+    aligned = str(align(AlignConfig(output_dir=str(run / "align"))))
+    timings["align"] = time.perf_counter() - t
+
+    t = _stage("3/6 danger and safety directions")
+    dirs = run / "directions"
+    paths = {}
+    for kind, build_args in (("danger", {}), ("safety", {})):
+        data = directions_data(DirectionsDataConfig(kind=kind, output_dir=str(dirs / f"{kind}-data")))
+        paths[kind] = build(DirectionsBuildConfig(kind=kind, data=str(data), model=aligned, max_length=config.max_length,
+                                                  output_dir=str(dirs / kind), **build_args))
+    timings["directions"] = time.perf_counter() - t
+
+    t = _stage("4/6 benign anchor adapter (alpaca-eval@directions, disjoint from the pool)")
+    anchor = train(TrainConfig(data="alpaca-eval@directions", model=aligned, output_dir=str(run / "anchor"),
+                               epochs=config.anchor_epochs, max_length=config.max_length))
+    timings["anchor"] = time.perf_counter() - t
+
+    t = _stage(f"5/6 score {config.n_pool or 3000} dolly-sqsd samples")
+    out = run / f"scores-n{config.n_pool or 3000}"
+    pool = write_pool(out, config.n_pool, config.seed)
+    scores_file = score(ScoreConfig(data=str(pool), model=aligned, danger=str(paths["danger"]),
+                                    safety=str(paths["safety"]), danger_anchor=str(anchor),
+                                    safety_anchor=str(dirs / "safety"), max_length=config.max_length,
+                                    batch_size=config.batch_size, output_dir=str(out / "scores")))
+    timings["score"] = time.perf_counter() - t
+
+    t = _stage("6/6 riskiest / safest samples, windows, comparison with the paper's scores")
+    scores = pd.read_parquet(scores_file) if str(scores_file).endswith(".parquet") else pd.read_json(scores_file,
+                                                                                                    lines=True)
+    rows = pd.read_json(pool, lines=True)
+    filter_scores(FilterConfig(scores=str(scores_file), data=str(pool), output_dir=str(out / "windows"),
+                               windows=config.n_windows, window_size=config.window_size))
+    ranked = scores[scores["status"] == "ok"].sort_values("risk", ascending=False)
+    show = ["instruction", "response", "category", "window", "Danger-safe"]
+
+    def extreme(frame: pd.DataFrame) -> list[dict[str, Any]]:
+        return [{**{k: rows.loc[i, k] for k in show}, **frame.loc[i, ["danger", "safety", "risk"]].to_dict()}
+                for i in frame.index]
+
+    summary = {"pool": str(pool), "scores": str(scores_file), "windows": str(out / "windows"),
+               "comparison_with_paper": compare_with_paper(scores, rows),
+               "riskiest_20": extreme(ranked.head(20)), "safest_20": extreme(ranked.tail(20).iloc[::-1]),
+               "stage_seconds": {k: round(v, 1) for k, v in timings.items()}}
+    write_json_atomic(out / "summary.json", summary)
+    _print_summary(summary)
+    return summary
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    cmp = summary["comparison_with_paper"]
+    print(f"\nscored {cmp['n']} samples -> {summary['scores']}; windows in {summary['windows']}")
+    for name in ("sqsd_risk", "response_length"):
+        c = cmp[name]
+        auc_text = "-" if c["auc_S1_vs_S5"] is None else f"{c['auc_S1_vs_S5']:.3f}"
+        print(f"  {name:16s} Spearman vs paper's Danger-safe {c['spearman_vs_paper_danger_safe']:+.3f}   "
+              f"AUC paper S1 vs S5 {auc_text}  (n_S1 {cmp['n_S1']}, n_S5 {cmp['n_S5']})")
+    for title, key in (("riskiest", "riskiest_20"), ("safest", "safest_20")):
+        print(f"\n{title} 5 of 20 (all 20 in summary.json):")
+        for r in summary[key][:5]:
+            text = " ".join(str(r["instruction"]).split())[:70]
+            print(f"  risk {r['risk']:+.3f} (danger {r['danger']:+.3f}, safety {r['safety']:+.3f}) "
+                  f"[{r['window']}] {text}")
+    print("\nstage seconds: " + ", ".join(f"{k} {v}" for k, v in summary["stage_seconds"].items()))
