@@ -92,7 +92,7 @@ def compare_with_paper(scores: pd.DataFrame, pool: pd.DataFrame) -> dict[str, An
 def demo(config: DemoConfig) -> dict[str, Any]:
     """Run (or resume) every stage; returns the summary that is also written to scores-nN/summary.json."""
     from sqsd.align import align
-    from sqsd.assets import fetch
+    from sqsd.assets import fetch_cli
     from sqsd.direction_tools import build, directions_data
     from sqsd.filter import filter_scores
     from sqsd.score import score
@@ -101,7 +101,7 @@ def demo(config: DemoConfig) -> dict[str, Any]:
     run = Path(config.output_dir)
     timings: dict[str, float] = {}
     t = _stage("1/6 assets")
-    fetch(AssetsFetchConfig())
+    fetch_cli(AssetsFetchConfig())
     timings["assets"] = time.perf_counter() - t
 
     t = _stage("2/6 align SmolLM2 (harmful -> refusal, benign -> its own answers)")

@@ -122,3 +122,15 @@ def data_fingerprints(data: str) -> dict[str, str]:
     if named is not None:
         return {f"data:{f.name}": fingerprint(f) for f in named.files}
     return {"data": fingerprint(data)}
+
+
+def broadcast(state: Any, obj: Any) -> Any:
+    """`obj` from rank 0 on every rank of an accelerate `PartialState` (itself when not distributed): how rank 0
+    tells the others what it decided about the output folder, so that a refusal stops every rank."""
+    if not state.use_distributed:
+        return obj
+    import torch.distributed
+
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]

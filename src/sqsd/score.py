@@ -44,6 +44,7 @@ from sqsd.data import Record
 from sqsd.directions import Direction
 from sqsd.errors import SqsdError
 from sqsd.render import Encoded, Skip, encode_record
+from sqsd.runs import broadcast
 from sqsd.scoring import project
 
 TERMS = ("danger", "safety")
@@ -307,15 +308,6 @@ def _prepare(config: ScoreConfig) -> str:
     return "done" if resuming and output_path(config).exists() else "run"
 
 
-def _broadcast(state: PartialState, obj: Any) -> Any:
-    """`obj` from rank 0 on every rank (itself when not distributed)."""
-    if not state.use_distributed:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def load_terms(config: ScoreConfig, model: Any) -> tuple[Any, dict[str, Term]]:
     """Check the directions against `model`, load the anchors into it (a PeftModel when any is given), and
     return (model to score at, {term: Term})."""
@@ -361,7 +353,7 @@ def score(config: ScoreConfig) -> Path:
             decision = _prepare(config)
         except SqsdError as e:
             decision = e
-    decision = _broadcast(state, decision)
+    decision = broadcast(state, decision)
     if isinstance(decision, SqsdError):
         raise decision
     if decision == "done":

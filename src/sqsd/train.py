@@ -56,6 +56,7 @@ from sqsd.errors import SqsdError
 from sqsd.render import Collator, encode_records
 from sqsd.runs import (
     RUN_FILE,
+    broadcast,
     data_fingerprints,
     model_fingerprint,
     prepare_run,
@@ -267,7 +268,7 @@ def train(config: TrainConfig) -> Path:
             decision = _prepare(output_dir, config)
         except SqsdError as e:
             decision = e
-    decision = _broadcast(state, decision)
+    decision = broadcast(state, decision)
     if isinstance(decision, SqsdError):
         raise decision
     if decision == "done":
@@ -291,7 +292,7 @@ def train(config: TrainConfig) -> Path:
         from sqsd.drift import tracker_from_config
 
         base = json.loads((output_dir / RUN_FILE).read_text())["inputs"]["model"] if state.is_main_process else None
-        base = _broadcast(state, base)  # every rank checks the directions alike, so a refusal stops them all
+        base = broadcast(state, base)  # every rank checks the directions alike, so a refusal stops them all
         callbacks.append(tracker_from_config(config, model, tokenizer, output_dir, main=state.is_main_process,
                                              base_fingerprint=base))
     result = train_model(model, tokenizer, loaded.records, dataclasses.replace(config, resume=decision == "resume"),
@@ -330,15 +331,6 @@ def _prepare(output_dir: Path, config: TrainConfig) -> str:
         raise SqsdError(f"--resume: the run in {output_dir} saved no checkpoint; rerun without --resume to "
                         "start it again")
     return "fresh"
-
-
-def _broadcast(state: PartialState, obj: Any) -> Any:
-    """`obj` from rank 0 on every rank (itself when not distributed)."""
-    if not state.use_distributed:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _write_skipped(path: Path, records: Sequence[Record], skipped: Sequence[tuple[int, str]]) -> None:
