@@ -27,8 +27,8 @@ torchrun --nproc_per_node "$NPROC" -m sqsd train alpaca-eval --model $MODEL --dt
 
 # Score Dolly-15k (every rank scores its chunks; rank 0 merges), then cut the paper's five windows of 1,000.
 torchrun --nproc_per_node "$NPROC" -m sqsd score databricks/databricks-dolly-15k --format dolly --model $MODEL \
-  --dtype bfloat16 --device cuda --danger $RUN/danger/direction.safetensors \
-  --safety $RUN/safety/direction.safetensors --danger-anchor $RUN/anchor --safety-anchor $RUN/safety \
+  --dtype bfloat16 --device cuda --danger $RUN/danger/danger.safetensors \
+  --safety $RUN/safety/safety.safetensors --danger-anchor $RUN/anchor --safety-anchor $RUN/safety \
   --output-dir $RUN/scores
 sqsd filter $RUN/scores/scores.parquet --windows 5 --window-size 1000 --output-dir $RUN/windows
 

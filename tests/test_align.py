@@ -22,7 +22,7 @@ def test_every_refusal_template_is_recognised_by_the_keyword_judge():
 def test_recipe_data_uses_only_the_align_split_and_varied_refusals(tmp_path):
     harm, benign = _files(tmp_path)
     config = AlignConfig(output_dir=str(tmp_path / "out"), harmful=(harm + "@align",), benign=benign + "@align",
-                         n_harmful=8)
+                         n_harmful=8, benign_answers="reference")
     records = build_records(config)
     refuse = [r for r in records if r.meta["align_role"] == "refuse"]
     answer = [r for r in records if r.meta["align_role"] == "answer"]
@@ -38,7 +38,8 @@ def test_align_writes_a_plain_model_folder_and_reuses_it(tmp_path, model, tokeni
     model.save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
     config = AlignConfig(output_dir=str(tmp_path / "out"), model=str(tmp_path / "base"), harmful=(harm,),
-                         benign=benign, n_harmful=6, n_benign=6, epochs=1.0, batch_size=4, max_length=64)
+                         benign=benign, n_harmful=6, n_benign=6, epochs=1.0, batch_size=4, max_length=64,
+                         benign_answers="reference")
     folder = align(config)
     assert (folder / "config.json").exists() and (tmp_path / "out" / "recipe.json").exists()
     from sqsd.model import load_model
@@ -47,3 +48,19 @@ def test_align_writes_a_plain_model_folder_and_reuses_it(tmp_path, model, tokeni
     changed = any(not (a == b).all() for a, b in zip(aligned.state_dict().values(), model.state_dict().values()))
     assert changed
     assert align(config) == folder and "already done" in capsys.readouterr().out
+
+
+def test_self_answers_are_the_models_own_greedy_replies(tmp_path, model, tokenizer):
+    from sqsd.data import load_records
+    from sqsd.generate import generate_records
+
+    harm, benign = _files(tmp_path)
+    config = AlignConfig(output_dir=str(tmp_path / "out"), harmful=(harm,), benign=benign, n_harmful=3,
+                         n_benign=5, self_answer_tokens=6)
+    records = build_records(config, model, tokenizer)
+    answers = {r.id: r.response for r in records if r.meta["align_role"] == "answer"}
+    chosen = [r for r in load_records(benign).records if r.id in answers]
+    expected = {r.id: g.response for r, g in zip(chosen, generate_records(model, tokenizer, chosen,
+                                                                          max_new_tokens=6, progress=False))}
+    assert answers == {k: v for k, v in expected.items() if v}
+    assert all(not v.startswith("answer") for v in answers.values())  # not the dataset's reference answers

@@ -44,6 +44,7 @@ def test_build_writes_the_adapter_as_direction_and_import_gives_the_same(tmp_pat
     model_dir, data = folders
     out = tmp_path / "danger"
     path = build(_build_config(out, model_dir, data, save_at=(2,)))
+    assert path == out / "danger.safetensors"
     direction = D.load(path)
     adapter = load_file(str(out / "adapter_model.safetensors"))
     factors = D.lora_factors(adapter)

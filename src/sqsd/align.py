@@ -1,9 +1,10 @@
 """`sqsd align`: turn an unaligned chat model into a safety-aligned one with a short supervised recipe.
 
 The offline SmolLM2 answers harmful requests, so the demo needs an aligned θ₀ before safety can degrade. The
-recipe: harmful prompts from the `@align` split answered with varied refusals, mixed with benign
-instruction → answer pairs so that the model stays helpful (over-refusal is the failure mode to watch), then a
-short full fine-tune (or a LoRA merged into the weights). The result is a plain model folder
+recipe: harmful prompts from the `@align` split answered with varied refusals, mixed with benign prompts
+answered by the model's own greedy replies (by default; `--benign-answers reference` uses the dataset's
+answers) so that it stays helpful — over-refusal is the failure mode to watch, and training on its own replies
+changes its benign behaviour least — then a short full fine-tune (or a LoRA merged into the weights). The result is a plain model folder
 (`output_dir/model`) that every later stage loads like any other; the recipe and the exact training data are
 saved next to it.
 """

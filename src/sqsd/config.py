@@ -197,7 +197,7 @@ class DirectionsDataConfig(ModelArgs):
 class DirectionsBuildConfig(TrainConfig):
     """`sqsd directions build`: train a LoRA adapter (as `sqsd train` does) and write it as a direction file.
 
-    The direction is the adapter's B·A per module, written to OUTPUT_DIR/direction.safetensors (+ .json) with
+    The direction is the adapter's B·A per module, written to OUTPUT_DIR/KIND.safetensors (+ .json) with
     its kind, base-model fingerprint, rank, alpha, scaling, training config, data fingerprint and step.
     """
 
@@ -314,9 +314,10 @@ class AlignConfig(ModelArgs, RenderArgs):
     benign: str = arg("alpaca-eval@align", help="benign instruction/answer pairs, kept helpful")
     n_harmful: int | None = arg(None, help="use at most this many harmful prompts (a seeded sample)")
     n_benign: int | None = arg(None, help="use at most this many benign pairs (a seeded sample)")
-    benign_answers: Literal["reference", "self"] = arg("reference", help="train benign prompts on the dataset's "
-                                                                         "answers, or on the model's own greedy ones")
-    self_answer_tokens: int = arg(160, help="new tokens for --benign-answers self")
+    benign_answers: Literal["reference", "self"] = arg("self", help="train benign prompts on the model's own "
+                                                                    "greedy answers (keeps its style: less "
+                                                                    "over-refusal) or on the dataset's answers")
+    self_answer_tokens: int = arg(96, help="new tokens for --benign-answers self")
     max_length: int = arg(256, help="maximum tokens per training sample")
     method: Literal["full", "lora"] = arg("full", help="full fine-tune, or LoRA merged into the weights")
     lora_r: int = arg(16, help="LoRA rank (with --method lora)")

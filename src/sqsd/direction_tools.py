@@ -32,7 +32,6 @@ from sqsd.config import (
 from sqsd.errors import SqsdError
 from sqsd.runs import data_fingerprints, model_fingerprint, prepare_run, write_json_atomic
 
-DIRECTION_FILE = "direction.safetensors"
 DATA_FILE = "data.jsonl"
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
@@ -95,12 +94,15 @@ def directions_data(config: DirectionsDataConfig) -> Path:
 
 
 def build(config: DirectionsBuildConfig) -> Path:
-    """Train the adapter (resumable, reused when done) and write OUTPUT_DIR/direction.safetensors."""
+    """Train the adapter (resumable, reused when done) and write OUTPUT_DIR/KIND.safetensors.
+
+    The file is named by its kind because the stem names the direction in trajectories and steering tables.
+    """
     from sqsd.train import RUN_FILE, train
 
     out = Path(config.output_dir)
     train(config)
-    target = out / DIRECTION_FILE
+    target = out / f"{config.kind}.safetensors"
     if target.exists():  # written after training; a changed config would have been refused or wiped by train
         print(f"already done: {target}")
         return target
