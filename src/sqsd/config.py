@@ -312,7 +312,7 @@ class AlignConfig(ModelArgs, RenderArgs):
     harmful: tuple[str, ...] = arg(("harmbench@align", "donotanswer@align"),
                                    help="harmful prompts, answered with varied refusals")
     benign: str = arg("alpaca-eval@align", help="benign instruction/answer pairs, kept helpful")
-    n_harmful: int | None = arg(None, help="use at most this many harmful prompts (a seeded sample)")
+    n_harmful: int | None = arg(300, help="use at most this many harmful prompts (a seeded sample); unset = all")
     n_benign: int | None = arg(None, help="use at most this many benign pairs (a seeded sample)")
     benign_answers: Literal["reference", "self"] = arg("self", help="train benign prompts on the model's own "
                                                                     "greedy answers (keeps its style: less "
