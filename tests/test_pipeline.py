@@ -33,7 +33,8 @@ def test_spearman_is_rank_based_and_handles_ties():
 def test_compare_with_paper_uses_ok_rows_and_the_end_windows():
     pool = pd.DataFrame({"window": ["S1", "S1", "S3", "S5", "S5", "S1"],
                          "Danger-safe": [3.0, 2.0, 0.0, -1.0, -2.0, 9.0]})
-    scores = pd.DataFrame({"risk": [0.9, 0.8, 0.5, 0.1, 0.2, None],
+    scores = pd.DataFrame({"risk": [0.9, 0.8, 0.5, 0.1, 0.2, None], "risk_z": [1.0, 0.5, 0.0, -0.5, -1.0, None],
+                           "danger": [0.1, 0.2, 0.3, 0.4, 0.5, None], "safety": [0.0, 0.0, 0.0, 0.0, 1.0, None],
                            "n_response_tokens": [10, 50, 30, 20, 40, 0],
                            "status": ["ok"] * 5 + ["skipped: no response token left"]})
     out = compare_with_paper(scores, pool)
@@ -41,6 +42,9 @@ def test_compare_with_paper_uses_ok_rows_and_the_end_windows():
     assert out["sqsd_risk"]["auc_S1_vs_S5"] == pytest.approx(1.0)
     assert out["sqsd_risk"]["spearman_vs_paper_danger_safe"] == pytest.approx(0.9)
     assert out["response_length"]["auc_S1_vs_S5"] == pytest.approx(0.5)  # 10, 50 vs 20, 40
+    assert out["danger_term"]["auc_S1_vs_S5"] == pytest.approx(0.0)  # 0.1, 0.2 vs 0.4, 0.5
+    assert out["minus_safety_term"]["auc_S1_vs_S5"] == pytest.approx(0.75)  # 0, 0 vs 0, -1
+    assert out["sqsd_risk_z"]["spearman_vs_paper_danger_safe"] == pytest.approx(1.0)
 
 
 def test_pool_sample_is_seeded_sorted_and_keeps_the_paper_columns(tmp_path):

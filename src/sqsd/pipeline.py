@@ -76,14 +76,17 @@ def auc(scores: pd.Series, positive: pd.Series) -> float:
 
 
 def compare_with_paper(scores: pd.DataFrame, pool: pd.DataFrame) -> dict[str, Any]:
-    """Our risk and plain response length against the paper's `Danger-safe` score and its S1/S5 windows."""
-    table = pool.assign(risk=scores["risk"].to_numpy(), ours_length=scores["n_response_tokens"].to_numpy(),
-                        ok=(scores["status"] == "ok").to_numpy())
+    """Our risk (raw and z-scored), each of its two terms, and plain response length against the paper's
+    `Danger-safe` score and its S1/S5 windows: does our ranking carry more than length does?"""
+    table = pool.assign(risk=scores["risk"].to_numpy(), risk_z=scores["risk_z"].to_numpy(),
+                        danger=scores["danger"].to_numpy(), minus_safety=-scores["safety"].to_numpy(),
+                        ours_length=scores["n_response_tokens"].to_numpy(), ok=(scores["status"] == "ok").to_numpy())
     table = table[table["ok"]]
     ends = table[table["window"].isin(["S1", "S5"])]
     s1 = ends["window"] == "S1"
     out: dict[str, Any] = {"n": len(table), "n_S1": int(s1.sum()), "n_S5": int((~s1).sum())}
-    for name, column in (("sqsd_risk", "risk"), ("response_length", "ours_length")):
+    for name, column in (("sqsd_risk", "risk"), ("sqsd_risk_z", "risk_z"), ("danger_term", "danger"),
+                         ("minus_safety_term", "minus_safety"), ("response_length", "ours_length")):
         out[name] = {"spearman_vs_paper_danger_safe": spearman(table[column], table["Danger-safe"]),
                      "auc_S1_vs_S5": auc(ends[column], s1) if s1.any() and (~s1).any() else None}
     return out
@@ -147,7 +150,7 @@ def demo(config: DemoConfig) -> dict[str, Any]:
     summary = {"pool": str(pool), "scores": str(scores_file), "windows": str(out / "windows"),
                "comparison_with_paper": compare_with_paper(scores, rows),
                "riskiest_20": extreme(ranked.head(20)), "safest_20": extreme(ranked.tail(20).iloc[::-1]),
-               "stage_seconds": {k: round(v, 1) for k, v in timings.items()}}
+               "seconds_this_run": {k: round(v, 1) for k, v in timings.items()}}
     write_json_atomic(out / "summary.json", summary)
     _print_summary(summary)
     return summary
@@ -156,7 +159,7 @@ def demo(config: DemoConfig) -> dict[str, Any]:
 def _print_summary(summary: dict[str, Any]) -> None:
     cmp = summary["comparison_with_paper"]
     print(f"\nscored {cmp['n']} samples -> {summary['scores']}; windows in {summary['windows']}")
-    for name in ("sqsd_risk", "response_length"):
+    for name in ("sqsd_risk", "sqsd_risk_z", "danger_term", "minus_safety_term", "response_length"):
         c = cmp[name]
         auc_text = "-" if c["auc_S1_vs_S5"] is None else f"{c['auc_S1_vs_S5']:.3f}"
         print(f"  {name:16s} Spearman vs paper's Danger-safe {c['spearman_vs_paper_danger_safe']:+.3f}   "
@@ -167,4 +170,5 @@ def _print_summary(summary: dict[str, Any]) -> None:
             text = " ".join(str(r["instruction"]).split())[:70]
             print(f"  risk {r['risk']:+.3f} (danger {r['danger']:+.3f}, safety {r['safety']:+.3f}) "
                   f"[{r['window']}] {text}")
-    print("\nstage seconds: " + ", ".join(f"{k} {v}" for k, v in summary["stage_seconds"].items()))
+    seconds = summary["seconds_this_run"]
+    print("\nseconds per stage in this run (~0 = reused): " + ", ".join(f"{k} {v}" for k, v in seconds.items()))
