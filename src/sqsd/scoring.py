@@ -210,7 +210,12 @@ def _batch_loss(model, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> tu
     base = _base(model)
     embeds = base.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
     mask = batch["attention_mask"]
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # real tokens at 0..n-1 whichever side the padding is on
+    if bool((mask[:, :-1] >= mask[:, 1:]).all()):
+        # Right padding: under causal attention no real token sees a later pad, and pads carry no loss, so their
+        # output gradients are exactly zero. Dropping the mask lets attention take its causal fast path (~10%).
+        mask = positions = None
+    else:
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)  # real tokens at 0..n-1 whichever side the padding is on
     hidden = base.get_decoder()(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
     targets = batch["labels"][:, 1:]  # position t predicts token t+1
     rows, cols = (targets != IGNORE).nonzero(as_tuple=True)
