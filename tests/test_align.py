@@ -28,9 +28,25 @@ def test_recipe_data_uses_only_the_align_split_and_varied_refusals(tmp_path):
     answer = [r for r in records if r.meta["align_role"] == "answer"]
     assert len(refuse) == 8 and all(r.response == refusal_for(r.id) for r in refuse)
     assert all(r.response.startswith("answer") for r in answer)
-    assert all(split_of(r.id) == "align" for r in records)  # never the directions or eval prompts
+    # never the directions or eval prompts (copies of a benign pair carry its id + "#repK")
+    assert all(split_of(r.id.split("#rep")[0]) == "align" for r in records)
     assert len({r.response for r in refuse}) > 1
     assert [r.id for r in build_records(config)] == [r.id for r in records]  # seeded
+
+
+def test_benign_repeat_adds_copies_with_their_own_ids_and_keeps_the_first_order(tmp_path):
+    harm, benign = _files(tmp_path)
+    config = AlignConfig(output_dir=str(tmp_path / "out"), harmful=(harm,), benign=benign, n_harmful=8,
+                         n_benign=10, benign_answers="reference", benign_repeat=1)
+    once = build_records(config)
+    thrice = build_records(AlignConfig(**{**config.__dict__, "benign_repeat": 3}))
+    answers = [r for r in thrice if r.meta["align_role"] == "answer"]
+    assert len(answers) == 30 and sum(r.meta["align_role"] == "refuse" for r in thrice) == 8
+    assert len({r.id for r in thrice}) == len(thrice)  # every line of align_data.jsonl is unique
+    by_id = {r.id: r for r in once}
+    for r in answers:  # each copy is the original pair
+        original = by_id[r.id.split("#rep")[0]]
+        assert (r.prompt, r.response) == (original.prompt, original.response)
 
 
 def test_align_writes_a_plain_model_folder_and_reuses_it(tmp_path, model, tokenizer, capsys):
@@ -56,7 +72,7 @@ def test_self_answers_are_the_models_own_greedy_replies(tmp_path, model, tokeniz
 
     harm, benign = _files(tmp_path)
     config = AlignConfig(output_dir=str(tmp_path / "out"), harmful=(harm,), benign=benign, n_harmful=3,
-                         n_benign=5, self_answer_tokens=6)
+                         n_benign=5, self_answer_tokens=6, benign_repeat=1)
     records = build_records(config, model, tokenizer)
     answers = {r.id: r.response for r in records if r.meta["align_role"] == "answer"}
     chosen = [r for r in load_records(benign).records if r.id in answers]

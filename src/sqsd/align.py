@@ -54,7 +54,8 @@ def refusal_for(record_id: str) -> str:
 
 
 def build_records(config: AlignConfig, model=None, tokenizer=None) -> list[Record]:
-    """The alignment data: refusals for harmful prompts, answers for benign ones, shuffled (seeded)."""
+    """The alignment data: refusals for harmful prompts, answers for benign ones (each `benign_repeat` times),
+    shuffled (seeded)."""
     harmful = [r for source in config.harmful for r in load_records(source).records]
     harmful = _pick(harmful, config.n_harmful, config.seed)
     benign = _pick(load_records(config.benign).records, config.n_benign, config.seed)
@@ -68,6 +69,10 @@ def build_records(config: AlignConfig, model=None, tokenizer=None) -> list[Recor
         benign = [dataclasses.replace(r, response=g.response) for r, g in zip(benign, answers) if g.response]
     out += [dataclasses.replace(r, meta={**r.meta, "align_role": "answer"}) for r in benign]
     random.Random(config.seed).shuffle(out)
+    if config.benign_repeat > 1:  # extra copies of the benign pairs, with ids of their own, mixed in
+        out += [dataclasses.replace(r, id=f"{r.id}#rep{k}") for k in range(1, config.benign_repeat)
+                for r in out if r.meta["align_role"] == "answer"]
+        random.Random(config.seed + 1).shuffle(out)
     return out
 
 

@@ -318,11 +318,13 @@ class AlignConfig(ModelArgs, RenderArgs):
                                                                     "greedy answers (keeps its style: less "
                                                                     "over-refusal) or on the dataset's answers")
     self_answer_tokens: int = arg(96, help="new tokens for --benign-answers self")
+    benign_repeat: int = arg(2, help="each benign pair appears this many times per epoch (weighs helpfulness "
+                                     "against refusals: 2 halved over-refusal on SmolLM2)")
     max_length: int = arg(256, help="maximum tokens per training sample")
     method: Literal["full", "lora"] = arg("full", help="full fine-tune, or LoRA merged into the weights")
     lora_r: int = arg(16, help="LoRA rank (with --method lora)")
     lora_alpha: float = arg(32.0, help="LoRA alpha (with --method lora)")
-    learning_rate: float = arg(3e-5, help="peak learning rate")
+    learning_rate: float = arg(6e-5, help="peak learning rate")
     epochs: float = arg(2.0, help="training epochs")
     batch_size: int = arg(8, help="batch size")
     seed: int = arg(0, help="seed for sampling the data, refusal choice and training")
@@ -333,6 +335,7 @@ class AlignConfig(ModelArgs, RenderArgs):
         _check(bool(self.harmful), "--harmful needs at least one source")
         _check(self.n_harmful is None or self.n_harmful > 0, "--n-harmful must be positive")
         _check(self.n_benign is None or self.n_benign > 0, "--n-benign must be positive")
+        _check(self.benign_repeat >= 1, "--benign-repeat must be at least 1")
         _check(self.learning_rate > 0 and self.epochs > 0, "--learning-rate and --epochs must be positive")
 
 
