@@ -69,7 +69,9 @@ def build_records(config: AlignConfig, model=None, tokenizer=None) -> list[Recor
         benign = [dataclasses.replace(r, response=g.response) for r, g in zip(benign, answers) if g.response]
     out += [dataclasses.replace(r, meta={**r.meta, "align_role": "answer"}) for r in benign]
     random.Random(config.seed).shuffle(out)
-    if config.benign_repeat > 1:  # extra copies of the benign pairs, with ids of their own, mixed in
+    # Extra copies of the benign pairs, with ids of their own, mixed in by a second shuffle (so that
+    # benign_repeat=1 keeps the order, hence the model, of the recipe without copies).
+    if config.benign_repeat > 1:
         out += [dataclasses.replace(r, id=f"{r.id}#rep{k}") for k in range(1, config.benign_repeat)
                 for r in out if r.meta["align_role"] == "answer"]
         random.Random(config.seed + 1).shuffle(out)

@@ -75,6 +75,11 @@ def auc(scores: pd.Series, positive: pd.Series) -> float:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+# (summary name, column of the comparison table): what compare_with_paper sets against the paper's ranking.
+COMPARED = (("sqsd_risk", "risk"), ("sqsd_risk_z", "risk_z"), ("danger_term", "danger"),
+            ("minus_safety_term", "minus_safety"), ("response_length", "ours_length"))
+
+
 def compare_with_paper(scores: pd.DataFrame, pool: pd.DataFrame) -> dict[str, Any]:
     """Our risk (raw and z-scored), each of its two terms, and plain response length against the paper's
     `Danger-safe` score and its S1/S5 windows: does our ranking carry more than length does?"""
@@ -85,8 +90,7 @@ def compare_with_paper(scores: pd.DataFrame, pool: pd.DataFrame) -> dict[str, An
     ends = table[table["window"].isin(["S1", "S5"])]
     s1 = ends["window"] == "S1"
     out: dict[str, Any] = {"n": len(table), "n_S1": int(s1.sum()), "n_S5": int((~s1).sum())}
-    for name, column in (("sqsd_risk", "risk"), ("sqsd_risk_z", "risk_z"), ("danger_term", "danger"),
-                         ("minus_safety_term", "minus_safety"), ("response_length", "ours_length")):
+    for name, column in COMPARED:
         out[name] = {"spearman_vs_paper_danger_safe": spearman(table[column], table["Danger-safe"]),
                      "auc_S1_vs_S5": auc(ends[column], s1) if s1.any() and (~s1).any() else None}
     return out
@@ -159,7 +163,7 @@ def demo(config: DemoConfig) -> dict[str, Any]:
 def _print_summary(summary: dict[str, Any]) -> None:
     cmp = summary["comparison_with_paper"]
     print(f"\nscored {cmp['n']} samples -> {summary['scores']}; windows in {summary['windows']}")
-    for name in ("sqsd_risk", "sqsd_risk_z", "danger_term", "minus_safety_term", "response_length"):
+    for name, _ in COMPARED:
         c = cmp[name]
         auc_text = "-" if c["auc_S1_vs_S5"] is None else f"{c['auc_S1_vs_S5']:.3f}"
         print(f"  {name:16s} Spearman vs paper's Danger-safe {c['spearman_vs_paper_danger_safe']:+.3f}   "
