@@ -4,7 +4,8 @@
   is harmful prompts from the `@directions` split answered by the unaligned SmolLM2 (it complies), keeping
   only answers the keyword judge does not see as refusals; the safety data is the same kind of prompts
   answered with varied refusals.
-- `build`: train a LoRA adapter with `train` and write its B·A as a direction file (docs/design.md §2: Directions).
+- `build`: train a LoRA adapter with `train` and write its B·A as a direction file (docs/design.md §2,
+  Directions).
 - `import`: a published PEFT adapter, or a dense weight difference of two model folders.
 - `info`: norms per layer and module type, and cosines between directions (overall and per layer).
 """
