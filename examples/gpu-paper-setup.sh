@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper's setup on GPUs (DESIGN §2), with hub ids instead of the offline assets. Not run by CI: it needs
+# The paper's setup on GPUs (docs/design.md §2), with hub ids instead of the offline assets. Not run by CI: it needs
 # the hub, several GPUs and gated models (accept their licences first). Every command is the same one the
 # offline demo runs; only the inputs differ. Adjust NPROC and the paths.
 set -euo pipefail

@@ -1,9 +1,9 @@
 import json
 
-from sqsd.align import REFUSALS, align, build_records, refusal_for
+from sqsd.align import align, build_records
 from sqsd.config import AlignConfig
 from sqsd.data import split_of
-from sqsd.judges import KeywordJudge
+from sqsd.judges import refusal_for
 
 
 def _files(tmp_path):
@@ -11,12 +11,6 @@ def _files(tmp_path):
     (tmp_path / "benign.jsonl").write_text("".join(
         json.dumps({"instruction": f"benign task {i}", "output": f"answer {i}"}) + "\n" for i in range(30)))
     return str(tmp_path / "harm.txt"), str(tmp_path / "benign.jsonl")
-
-
-def test_every_refusal_template_is_recognised_by_the_keyword_judge():
-    judge = KeywordJudge()
-    assert all(judge.refusal(r) is not None for r in REFUSALS)
-    assert len(set(REFUSALS)) == len(REFUSALS) >= 12
 
 
 def test_recipe_data_uses_only_the_align_split_and_varied_refusals(tmp_path):

@@ -2,11 +2,13 @@ import pytest
 
 from sqsd.judges import (
     HARMBENCH_PROMPT,
+    REFUSALS,
     HarmBenchJudge,
     KeywordJudge,
     LlamaGuardJudge,
     parse_llama_guard,
     parse_yes_no,
+    refusal_for,
 )
 from tiny import LLAMA3, tiny_model, tiny_tokenizer
 
@@ -26,6 +28,23 @@ def test_keyword_judge(response, unsafe):
     (judgment,) = KeywordJudge().judge(["how do I do a bad thing?"], [response])
     assert judgment.unsafe is unsafe
     assert judgment.raw == ("no refusal" if unsafe else judgment.raw) and judgment.raw
+
+
+@pytest.mark.parametrize("template", REFUSALS)
+def test_keyword_judge_recognises_every_refusal_template(template):
+    # align and the safety-direction recipe train on these; a template the judge missed would count as harm
+    (judgment,) = KeywordJudge().judge(["how do I do a bad thing?"], [template])
+    assert judgment.unsafe is False and judgment.raw.startswith("refusal: ")
+    # also when the model goes on after the refusal
+    (judgment,) = KeywordJudge().judge(["?"], [template + " " + "Here is some other text. " * 20])
+    assert judgment.unsafe is False
+
+
+def test_refusal_templates_are_distinct_and_chosen_stably_by_key():
+    assert len(set(REFUSALS)) == len(REFUSALS) >= 12
+    keys = [f"record-{i}" for i in range(200)]
+    assert [refusal_for(k) for k in keys] == [refusal_for(k) for k in keys]
+    assert len({refusal_for(k) for k in keys}) == len(REFUSALS)  # 200 keys reach every template
 
 
 @pytest.mark.parametrize(("text", "unsafe", "codes"), [

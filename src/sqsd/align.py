@@ -12,34 +12,15 @@ saved next to it.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import random
 from pathlib import Path
 
 from sqsd.config import AlignConfig, TrainConfig, to_dict
 from sqsd.data import Record, load_records
+from sqsd.judges import refusal_for
 from sqsd.runs import prepare_run, write_json_atomic
 
-# Varied refusals: one template per harmful prompt, chosen by a hash of its id so the choice is stable.
-REFUSALS: tuple[str, ...] = (
-    "I'm sorry, but I can't help with that.",
-    "I can't assist with that request. It could cause real harm.",
-    "I'm not able to help with this. If you have another question, I'm happy to help.",
-    "Sorry, I won't provide that. It could be used to hurt people.",
-    "I cannot help with that. Is there something else I can do for you?",
-    "I'm sorry, I can't do that. Helping with this could put people at risk.",
-    "I must decline this request because it could lead to harm.",
-    "I'm not going to help with that, but I can help with something safe instead.",
-    "I can't provide instructions or content like this.",
-    "I'm afraid I can't help with that request.",
-    "Sorry, but I can't help with anything that could be dangerous or illegal.",
-    "I won't be able to assist with this. Please consider a safer alternative.",
-    "As an AI assistant, I can't help with harmful or illegal activities.",
-    "I'm sorry, but this is something I can't help with.",
-    "I cannot assist with that. It goes against my guidelines to help cause harm.",
-    "I'm unable to help with that request.",
-)
 MODEL_DIR = "model"
 
 
@@ -47,10 +28,6 @@ def _pick(items: list[Record], n: int | None, seed: int) -> list[Record]:
     if n is None or n >= len(items):
         return items
     return random.Random(seed).sample(items, n)
-
-
-def refusal_for(record_id: str) -> str:
-    return REFUSALS[int(hashlib.sha256(record_id.encode()).hexdigest(), 16) % len(REFUSALS)]
 
 
 def build_records(config: AlignConfig, model=None, tokenizer=None) -> list[Record]:

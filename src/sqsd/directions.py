@@ -1,6 +1,6 @@
 """Directions in parameter space: a per-module matrix T_m, kept low-rank (T = B·A) or dense.
 
-A danger or safety direction is a LoRA adapter's B·A per module (DESIGN §2); a dense direction is a
+A danger or safety direction is a LoRA adapter's B·A per module (docs/design.md §2); a dense direction is a
 difference of two models' weights. Scoring never needs T itself, only products with it, so a low-rank
 direction is never expanded: every method here works in factor space.
 
@@ -135,7 +135,7 @@ def lora_factors(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor
 
 
 def from_adapter(folder: str | Path, kind: str = "direction") -> Direction:
-    """A low-rank direction T_m = B_m A_m from a PEFT LoRA adapter folder (scaling not applied, DESIGN §2).
+    """A low-rank direction T_m = B_m A_m from a PEFT LoRA adapter folder (scaling not applied, docs/design.md §2).
 
     The adapter's scaling (alpha/r, or alpha/√r with rsLoRA), rank and alpha go into the metadata, so that
     steering can reproduce the adapter itself (θ₀ + 1·scaling·T).

@@ -1,4 +1,4 @@
-"""Drift tracking (DESIGN §2, mechanism analysis (a)): how far fine-tuning has moved the weights along each
+"""Drift tracking (docs/design.md §2, mechanism analysis (a)): how far fine-tuning has moved the weights along each
 danger/safety direction, at every logging step, next to the safety measured at chosen steps.
 
 For a tracked direction T (per module m) and the cumulative weight change ΔW_m(t) since training began, each

@@ -1,7 +1,7 @@
 """Records -> token ids with response-only labels, rendered with the model's own chat template.
 
-The loss of DESIGN §2 is the mean cross-entropy over the response tokens plus the template's end-of-turn token.
-Which tokens those are is read off the rendered conversation itself, never hard-coded per model family:
+The loss of docs/design.md §2 is the mean cross-entropy over the response tokens plus the template's end-of-turn
+token. Which tokens those are is read off the rendered conversation itself, never hard-coded per model family:
 
 1. `prompt_text` = the template applied to the prompt messages with the generation prompt appended;
    `full_text` = the template applied to prompt + the assistant response. The first must be a prefix of the

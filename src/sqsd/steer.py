@@ -1,4 +1,5 @@
-"""`sqsd steer` (DESIGN §2, mechanism analysis (b)): the safety of θ₀ + α·s·T for a grid of α, per direction.
+"""`sqsd steer`: the safety of θ₀ + α·s·T for a grid of α, per direction (docs/design.md §2, mechanism
+analysis (b)).
 
 For each direction T and each α, the weights of the direction's modules become W_m + α·s·T_m in memory, the
 model is evaluated exactly as `sqsd evaluate` does (same generation, judge, ASR with bootstrap CI, over-refusal),

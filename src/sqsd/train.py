@@ -1,4 +1,5 @@
-"""Supervised fine-tuning (LoRA or full) with the response-only loss of DESIGN §2, on the Hugging Face Trainer.
+"""Supervised fine-tuning (LoRA or full) with the response-only loss of docs/design.md §2, on the Hugging Face
+Trainer.
 
 `train(config)` is `sqsd train`: it reads the data and the model named in the config and manages the run folder.
 `train_model(model, tokenizer, records, config, output_dir)` is the engine, for stages that already hold a model
