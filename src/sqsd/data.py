@@ -24,6 +24,7 @@ not detectable, a required column missing) always stop the load.
 from __future__ import annotations
 
 import csv
+import datetime
 import hashlib
 import io
 import json
@@ -105,12 +106,6 @@ class LoadedData:
 
 # --- readers: a file -> raw rows; a DataError item is a bad record, a raised DataError a bad file --------------
 
-def _object(value: Any, file: str, row: int, kind: str) -> RawRecord | DataError:
-    if isinstance(value, dict):
-        return RawRecord(value, file, row, kind)
-    return DataError(file, f"expected a JSON object, got {type_name(value)}", line=row, kind=kind)
-
-
 def _read_text(path: Path, file: str) -> str:
     try:
         raw = path.read_bytes()
@@ -123,6 +118,42 @@ def _read_text(path: Path, file: str) -> str:
         raise DataError(file, f"not valid UTF-8 at byte {e.start}; save the file as UTF-8", line=line) from None
 
 
+# json.loads recurses once per nesting level and gives up near Python's recursion limit
+_TOO_DEEP = "invalid JSON: nested too deeply for Python's JSON reader (about 1000 levels)"
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how a surrogate code point is written in JSON
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(value: Any) -> tuple[str, str] | None:
+    """(field path, code point) of the first string holding a lone UTF-16 surrogate, else None.
+
+    JSON may write "\\ud800" without its pair; Python decodes it into a string no UTF-8 writer or tokenizer
+    accepts, so such a record is refused where it is read. A valid pair decodes to one code point and passes.
+    """
+    stack: list[tuple[str, Any]] = [("", value)]  # a loop, not recursion: the value may be nested ~1000 deep
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, str) and (m := _SURROGATE.search(v)):
+            return path, f"U+{ord(m.group()):04X}"
+        if isinstance(v, dict):
+            stack += reversed([(f"{path}.{k}" if path else str(k), x) for k, x in v.items()])
+        elif isinstance(v, list):
+            stack += reversed([(f"{path}[{i}]", x) for i, x in enumerate(v)])
+    return None
+
+
+def _checked(value: Any, escaped: bool, file: str, row: int, kind: str) -> RawRecord | DataError:
+    """A decoded JSON record, or the error for a non-object or a string with a lone surrogate (looked for only
+    when the JSON text has a surrogate `escaped`, so plain records cost nothing)."""
+    found = _lone_surrogate(value) if escaped else None
+    if found:
+        return DataError(file, f"holds a lone surrogate {found[1]} (a \\u escape without its pair), which is "
+                               "not valid Unicode; fix or remove it", line=row, field=found[0] or None, kind=kind)
+    if isinstance(value, dict):
+        return RawRecord(value, file, row, kind)
+    return DataError(file, f"expected a JSON object, got {type_name(value)}", line=row, kind=kind)
+
+
 def _read_jsonl(path: Path, file: str) -> Iterator[RawRecord | DataError]:
     # split on "\n" only: str.splitlines() also breaks at characters like U+2028 and would shift line numbers
     for number, line in enumerate(_read_text(path, file).split("\n"), start=1):
@@ -133,7 +164,10 @@ def _read_jsonl(path: Path, file: str) -> Iterator[RawRecord | DataError]:
         except json.JSONDecodeError as e:
             yield DataError(file, f"invalid JSON: {e.msg} (column {e.colno})", line=number)
             continue
-        yield _object(value, file, number, "line")
+        except RecursionError:
+            yield DataError(file, _TOO_DEEP, line=number)
+            continue
+        yield _checked(value, bool(_SURROGATE_ESCAPE.search(line)), file, number, "line")
 
 
 def _read_json(path: Path, file: str) -> Iterator[RawRecord | DataError]:
@@ -145,13 +179,16 @@ def _read_json(path: Path, file: str) -> Iterator[RawRecord | DataError]:
     except json.JSONDecodeError as e:
         hint = "; one JSON object per line is JSON Lines: name the file .jsonl" if e.msg == "Extra data" else ""
         raise DataError(file, f"invalid JSON: {e.msg} (column {e.colno}){hint}", line=e.lineno) from None
+    except RecursionError:
+        raise DataError(file, _TOO_DEEP) from None
     if isinstance(doc, dict) and len(doc) == 1 and isinstance(next(iter(doc.values())), list):
         doc = next(iter(doc.values()))  # {"data": [...]} / {"train": [...]}
     if not isinstance(doc, list):
         got = f"an object with keys {sorted(doc)[:8]}" if isinstance(doc, dict) else type_name(doc)
         raise DataError(file, f"expected a list of records (or an object with one key holding that list), got {got}")
+    escaped = bool(_SURROGATE_ESCAPE.search(text))
     for index, value in enumerate(doc):
-        yield _object(value, file, index, "row")
+        yield _checked(value, escaped, file, index, "row")
 
 
 def _read_csv(path: Path, file: str, delimiter: str = ",") -> Iterator[RawRecord | DataError]:
@@ -177,6 +214,22 @@ def _read_csv(path: Path, file: str, delimiter: str = ",") -> Iterator[RawRecord
         raise DataError(file, f"invalid CSV: {e}", line=end + 1) from None
 
 
+def _json_value(value: Any, file: str, row: int, column: str) -> Any:
+    """An Arrow cell as a JSON value, since every column is carried into JSON outputs (`filter` subsets,
+    generations): dates and times become ISO 8601 strings; a type with no faithful JSON form (bytes, durations,
+    decimals, images) refuses the file, naming the column, rather than writing a lossy stand-in."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, (datetime.date, datetime.time)):  # datetime.datetime is a date
+        return value.isoformat()
+    if isinstance(value, list):
+        return [_json_value(v, file, row, f"{column}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return {k: _json_value(v, file, row, f"{column}.{k}" if column else k) for k, v in value.items()}
+    raise DataError(file, f"holds a {type(value).__name__} value, which sqsd cannot carry into its JSON outputs; "
+                          "drop the column or convert it to text", line=row, field=column, kind="row")
+
+
 def _read_parquet(path: Path, file: str) -> Iterator[RawRecord | DataError]:
     import pyarrow  # imported here: only Parquet files need it
     import pyarrow.parquet
@@ -186,7 +239,7 @@ def _read_parquet(path: Path, file: str) -> Iterator[RawRecord | DataError]:
     except (pyarrow.ArrowException, OSError) as e:
         raise DataError(file, f"not a readable Parquet file: {e}") from None
     for index, fields in enumerate(rows):
-        yield RawRecord(fields, file, index, "row")
+        yield RawRecord(_json_value(fields, file, index, ""), file, index, "row")
 
 
 def _read_txt(path: Path, file: str) -> Iterator[RawRecord | DataError]:
@@ -259,7 +312,8 @@ def _hub_source(data: str, split: str) -> _Source:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise SqsdError(f"cannot read '{data}': not a file, not a named dataset (see `sqsd assets list`), and "
                         f"loading it as a Hugging Face dataset failed: {reason}") from None
-    rows = (RawRecord(dict(example), data, index, "row") for index, example in enumerate(dataset))
+    rows = (RawRecord(_json_value(dict(example), data, index, ""), data, index, "row")
+            for index, example in enumerate(dataset))
     return _Source(data, data, f"{data}:{split}", rows, tabular=True, empty=f"split '{split}' has no records")
 
 
