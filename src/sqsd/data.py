@@ -49,7 +49,7 @@ from sqsd.formats import (
 )
 
 __all__ = ["SPLITS", "BadRecord", "LoadedData", "Record", "detect_format", "load_from_config", "load_records",
-           "split_of"]
+           "read_rows", "split_of"]
 
 # Held-out split fractions, in order. Changing them (or the salt) changes every split: bump the salt's version.
 SPLITS: dict[str, float] = {"align": 0.4, "directions": 0.3, "eval": 0.3}
@@ -252,6 +252,30 @@ READERS: dict[str, Callable[[Path, str], Iterator[RawRecord | DataError]]] = {
     ".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".csv": _read_csv,
     ".tsv": partial(_read_csv, delimiter="\t"), ".parquet": _read_parquet, ".txt": _read_txt,
 }
+
+
+def read_rows(path: str | Path, required: dict[str, type | tuple[type, ...]] | None = None) -> list[RawRecord]:
+    """Every row of a JSONL, JSON or Parquet file that a command reads back (scores, judged responses), each a
+    JSON object holding the `required` fields with (one of) their types; the first bad line or row raises its
+    DataError.
+    The same readers as for datasets, so the same messages: file, line or row, field, what is wrong."""
+    path = Path(path)
+    if path.suffix.lower() not in (".jsonl", ".json", ".parquet"):
+        raise SqsdError(f"{path}: unsupported file type {path.suffix or '(no extension)'!r}; use .jsonl or .parquet")
+    rows = []
+    for item in READERS[path.suffix.lower()](path, str(path)):
+        if isinstance(item, DataError):
+            raise item
+        for name, kind in (required or {}).items():
+            kinds = kind if isinstance(kind, tuple) else (kind,)
+            if name not in item.fields:
+                raise item.error("missing required field", name)
+            value = item.fields[name]
+            if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
+                raise item.error(f"must be {' or '.join(type_name(k()) for k in kinds)}, got {type_name(value)}",
+                                 name)
+        rows.append(item)
+    return rows
 
 
 # --- sources ---------------------------------------------------------------------------------------------------
