@@ -214,7 +214,11 @@ def test_parquet_dates_and_times_are_carried_as_iso_strings(tmp_path):
 def test_json_array_too_deep_or_with_a_lone_surrogate(tmp_path):
     deep = tmp_path / "deep.json"
     deep.write_text('[{"instruction": "a", "output": "b", "x": ' + "[" * 3000 + "]" * 3000 + "}]")
-    with pytest.raises(DataError, match=r"deep\.json: invalid JSON: nested too deeply"):
+    with pytest.raises(DataError, match=r"deep\.json: invalid JSON: nested more than 100 levels deep"):
+        load_records(str(deep))
+    nest = lambda n: '{"instruction": "a", "output": "b", "x": ' + "[" * n + "]" * n + "}"  # noqa: E731
+    deep.write_text(f"[{nest(100)}, {nest(101)}]")  # the limit is 100 levels below the record
+    with pytest.raises(DataError, match=r"deep\.json row 1: field 'x': is nested more than 100 levels deep"):
         load_records(str(deep))
     broken = tmp_path / "s.json"
     broken.write_text('[{"instruction": "a", "output": "b"}, {"instruction": "a\\udc00", "output": "b"}]')
@@ -409,7 +413,7 @@ BAD_INPUTS = [
     ("bad_row.json", "auto", " row 1", "instruction", "is empty", 2),
     ("broken.json", "auto", ":4", None, "invalid JSON: Expecting ',' delimiter (column 3)", None),
     ("bytes_column.parquet", "auto", " row 1", "audio", "holds a bytes value, which sqsd cannot carry", None),
-    ("deep_nesting.jsonl", "auto", ":2", None, "invalid JSON: nested too deeply for Python's JSON reader", 2),
+    ("deep_nesting.jsonl", "auto", ":2", None, "invalid JSON: nested more than 100 levels deep", 2),
     ("duplicate_id.jsonl", "auto", ":3", "id", "duplicate id 'a'", 3),
     ("empty.jsonl", "auto", None, None, "file is empty", None),
     ("empty_response.jsonl", "auto", ":4", "response", "is empty", 3),
@@ -417,6 +421,7 @@ BAD_INPUTS = [
     ("lone_surrogate.jsonl", "auto", ":2", "messages[1].content", "holds a lone surrogate U+D83D", 2),
     ("missing_column.csv", "alpaca", ":1", "output", "missing required column", None),
     ("missing_field.jsonl", "auto", ":2", "output", "missing required field", 3),
+    ("nested_too_deep.jsonl", "auto", ":2", "extra", "is nested more than 100 levels deep", 2),
     ("not_a_list.json", "auto", None, None, "expected a list of records", None),
     ("not_object.jsonl", "auto", ":2", None, "expected a JSON object, got list", 2),
     ("pku_bad_safer_id.jsonl", "auto", ":2", "safer_response_id", "must be 0 or 1, got int 2", 2),

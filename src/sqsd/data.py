@@ -118,37 +118,47 @@ def _read_text(path: Path, file: str) -> str:
         raise DataError(file, f"not valid UTF-8 at byte {e.start}; save the file as UTF-8", line=line) from None
 
 
-# json.loads recurses once per nesting level and gives up near Python's recursion limit
-_TOO_DEEP = "invalid JSON: nested too deeply for Python's JSON reader (about 1000 levels)"
+# Nesting levels a record may have. Python's JSON reader recurses once per level and gives up near 1000, its
+# writer (every output that carries a record's fields) a few levels earlier, after the work is done.
+_MAX_DEPTH = 100
+_TOO_DEEP = f"nested more than {_MAX_DEPTH} levels deep (sqsd's limit; Python's JSON reader and writer fail near 1000)"
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how a surrogate code point is written in JSON
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _lone_surrogate(value: Any) -> tuple[str, str] | None:
-    """(field path, code point) of the first string holding a lone UTF-16 surrogate, else None.
+def _bad_value(value: Any) -> tuple[str, str] | None:
+    """(field, what is wrong) for the first value nested deeper than _MAX_DEPTH or string holding a lone UTF-16
+    surrogate, else None.
 
     JSON may write "\\ud800" without its pair; Python decodes it into a string no UTF-8 writer or tokenizer
     accepts, so such a record is refused where it is read. A valid pair decodes to one code point and passes.
     """
-    stack: list[tuple[str, Any]] = [("", value)]  # a loop, not recursion: the value may be nested ~1000 deep
+    stack: list[tuple[str, Any, int]] = [("", value, 0)]  # a loop, not recursion: the value may be ~1000 deep
     while stack:
-        path, v = stack.pop()
+        path, v, depth = stack.pop()
+        if depth > _MAX_DEPTH:
+            return path.split(".")[0].split("[")[0], f"is {_TOO_DEEP}"  # the top-level field: the path is long
         if isinstance(v, str) and (m := _SURROGATE.search(v)):
-            return path, f"U+{ord(m.group()):04X}"
+            return path, (f"holds a lone surrogate U+{ord(m.group()):04X} (a \\u escape without its pair), which "
+                          "is not valid Unicode; fix or remove it")
         if isinstance(v, dict):
-            stack += reversed([(f"{path}.{k}" if path else str(k), x) for k, x in v.items()])
+            stack += reversed([(f"{path}.{k}" if path else str(k), x, depth + 1) for k, x in v.items()])
         elif isinstance(v, list):
-            stack += reversed([(f"{path}[{i}]", x) for i, x in enumerate(v)])
+            stack += reversed([(f"{path}[{i}]", x, depth + 1) for i, x in enumerate(v)])
     return None
 
 
-def _checked(value: Any, escaped: bool, file: str, row: int, kind: str) -> RawRecord | DataError:
-    """A decoded JSON record, or the error for a non-object or a string with a lone surrogate (looked for only
-    when the JSON text has a surrogate `escaped`, so plain records cost nothing)."""
-    found = _lone_surrogate(value) if escaped else None
+def _suspect(text: str) -> bool:
+    """Whether JSON `text` could decode to what `_bad_value` finds; ordinary records are not walked."""
+    return text.count("[") + text.count("{") > _MAX_DEPTH or bool(_SURROGATE_ESCAPE.search(text))
+
+
+def _checked(value: Any, suspect: bool, file: str, row: int, kind: str) -> RawRecord | DataError:
+    """A decoded JSON record, or the error for a non-object, a value nested too deep or a lone surrogate (looked
+    for when its text is `suspect`)."""
+    found = _bad_value(value) if suspect else None
     if found:
-        return DataError(file, f"holds a lone surrogate {found[1]} (a \\u escape without its pair), which is "
-                               "not valid Unicode; fix or remove it", line=row, field=found[0] or None, kind=kind)
+        return DataError(file, found[1], line=row, field=found[0] or None, kind=kind)
     if isinstance(value, dict):
         return RawRecord(value, file, row, kind)
     return DataError(file, f"expected a JSON object, got {type_name(value)}", line=row, kind=kind)
@@ -165,9 +175,9 @@ def _read_jsonl(path: Path, file: str) -> Iterator[RawRecord | DataError]:
             yield DataError(file, f"invalid JSON: {e.msg} (column {e.colno})", line=number)
             continue
         except RecursionError:
-            yield DataError(file, _TOO_DEEP, line=number)
+            yield DataError(file, f"invalid JSON: {_TOO_DEEP}", line=number)
             continue
-        yield _checked(value, bool(_SURROGATE_ESCAPE.search(line)), file, number, "line")
+        yield _checked(value, _suspect(line), file, number, "line")
 
 
 def _read_json(path: Path, file: str) -> Iterator[RawRecord | DataError]:
@@ -180,15 +190,15 @@ def _read_json(path: Path, file: str) -> Iterator[RawRecord | DataError]:
         hint = "; one JSON object per line is JSON Lines: name the file .jsonl" if e.msg == "Extra data" else ""
         raise DataError(file, f"invalid JSON: {e.msg} (column {e.colno}){hint}", line=e.lineno) from None
     except RecursionError:
-        raise DataError(file, _TOO_DEEP) from None
+        raise DataError(file, f"invalid JSON: {_TOO_DEEP}") from None
     if isinstance(doc, dict) and len(doc) == 1 and isinstance(next(iter(doc.values())), list):
         doc = next(iter(doc.values()))  # {"data": [...]} / {"train": [...]}
     if not isinstance(doc, list):
         got = f"an object with keys {sorted(doc)[:8]}" if isinstance(doc, dict) else type_name(doc)
         raise DataError(file, f"expected a list of records (or an object with one key holding that list), got {got}")
-    escaped = bool(_SURROGATE_ESCAPE.search(text))
+    suspect = _suspect(text)
     for index, value in enumerate(doc):
-        yield _checked(value, escaped, file, index, "row")
+        yield _checked(value, suspect, file, index, "row")
 
 
 def _read_csv(path: Path, file: str, delimiter: str = ",") -> Iterator[RawRecord | DataError]:
