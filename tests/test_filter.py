@@ -180,3 +180,12 @@ def test_parquet_timestamps_reach_the_subsets_as_iso_strings(scored, tmp_path):
     write_scores([{**r, "id": f"dolly.parquet:{r['index']}"} for r in rows], scores)
     out = run(scores, tmp_path / "t", drop_top=1, data=str(data))
     assert out["dropped"] == [{**dolly(1), "when": "2024-01-02T12:00:00"}]
+
+
+def test_a_row_without_the_ranking_column_is_named(scored, tmp_path):
+    scores, _, rows = scored
+    scores.write_text("".join(json.dumps({k: v for k, v in r.items() if not (k == "risk" and r["index"] == 4)}) + "\n"
+                              for r in rows))
+    with pytest.raises(SqsdError, match=r"--by risk: .*scores.jsonl, row index 4 \(id 'dolly.jsonl:5'\): the value "
+                                        r"is missing"):
+        run(scores, tmp_path / "m", drop_top=1)

@@ -19,6 +19,13 @@ every safety or over-refusal measurement uses `@eval` (see `SPLITS`).
 Bad records either stop the load (`on_bad_record="error"`) or are listed in `LoadedData.bad` and left out
 ("skip"); nothing is dropped silently. Problems with a whole file (empty, not UTF-8, not valid JSON, format
 not detectable, a required column missing) always stop the load.
+
+Every field of a record is carried into outputs as JSON (`filter` subsets, generation lines), so the readers
+keep only what JSON can hold, decided where the data is read rather than when an output is written: Parquet
+and hub dates and times become ISO 8601 strings (lossless, and what a user reads them as); any other cell
+JSON cannot hold (bytes, durations, decimals, images) stops the load naming the column, rather than being
+written as a lossy stand-in. JSON text that decodes to what no writer or tokenizer accepts is a bad record: a
+lone surrogate code point (a "\\ud800" escape without its pair) or nesting deeper than 100 levels.
 """
 
 from __future__ import annotations

@@ -49,9 +49,10 @@ def rank(rows: Sequence[dict[str, Any]], by: str, source: str = "the scores") ->
         raise SqsdError(f"--by {by}: {source} has no such column; numeric columns: {', '.join(numeric)}")
     ok = [r for r in rows if r.get("status") == OK]
     for r in ok:
-        value = r[by]
+        value = r.get(by)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            what = "is empty (null)" if value is None else f"is not a finite number ({value!r})"
+            what = ("is missing" if by not in r else "is empty (null)" if value is None
+                    else f"is not a finite number ({value!r})")
             raise SqsdError(f"--by {by}: {source}, row index {r['index']} (id {r['id']!r}): the value {what}"
                             + ("; was that term scored? (`sqsd score --danger/--safety`)" if value is None else ""))
     return sorted(ok, key=lambda r: (-r[by], r["index"]))
