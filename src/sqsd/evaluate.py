@@ -24,10 +24,11 @@ from typing import Any
 import numpy as np
 
 from sqsd.config import EvaluateConfig, GenerateConfig, GenerationArgs, ModelArgs, to_dict
-from sqsd.data import load_records, read_rows
+from sqsd.data import load_records
 from sqsd.errors import SqsdError
 from sqsd.generate import generate_file
 from sqsd.judges import HarmBenchJudge, KeywordJudge, LlamaGuardJudge
+from sqsd.readers import read_rows
 from sqsd.runs import fingerprint, write_json_atomic
 
 CATEGORY_FIELDS = ("category", "Category", "risk_area", "SemanticCategory")

@@ -40,10 +40,11 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from sqsd.config import ScoreConfig
-from sqsd.data import Record, read_rows
+from sqsd.data import Record
 from sqsd.directions import Direction
 from sqsd.errors import SqsdError
 from sqsd.formats import RawRecord
+from sqsd.readers import read_rows
 from sqsd.render import Encoded, Skip, encode_record
 from sqsd.runs import broadcast
 from sqsd.scoring import project
