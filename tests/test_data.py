@@ -460,7 +460,10 @@ def test_bad_input(name, fmt, where, field, message, kept):
 
 
 @pytest.mark.parametrize("name, location, field", [("missing_field.jsonl", ":2", "output"),
-                                                   ("wrong_type.parquet", " row 1", "output")])
+                                                   ("wrong_type.parquet", " row 1", "output"),
+                                                   ("bytes_column.parquet", " row 1", "audio"),
+                                                   ("lone_surrogate.jsonl", ":2", "messages[1].content"),
+                                                   ("nested_too_deep.jsonl", ":2", "extra")])
 def test_cli_reports_bad_input_without_traceback(name, location, field, capsys):
     path = str(BAD / name)
     assert main(["data", "inspect", path]) == 2
