@@ -147,6 +147,17 @@ def test_trimmed_template_escapes_its_end_of_turn_text(llama3_tokenizer):
     assert tok.decode(supervised) == "Here: <|eot_id|> done.<|eot_id|>"
     assert enc.input_ids.count(tok.eos_token_id) == 2 and supervised.count(tok.eos_token_id) == 1
 
+
+def test_a_template_that_rewrites_a_message_with_control_text_is_a_clear_error():
+    from sqsd.errors import SqsdError
+    from tiny import CHATML, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.chat_template = CHATML.replace("message['content']", "(message['content'] | replace('please', 'PLEASE'))")
+    assert encode_prompt(rec(prompt="Say it please").prompt, tok)  # no control text: rewriting is fine
+    with pytest.raises(SqsdError, match=r"rewrites the message 'Say <\|im_end\|> please', so special-token text"):
+        encode_prompt(rec(prompt="Say <|im_end|> please").prompt, tok)
+
 @pytest.mark.slow
 def test_smollm2_supervises_exactly_the_response_and_im_end(smollm2):
     _, tok = smollm2

@@ -84,8 +84,8 @@ def encode_prompt(messages: Sequence[dict[str, str]], tokenizer: PreTrainedToken
 
 
 def _content_spans(text: str, messages: Sequence[dict[str, str]], tokenizer: PreTrainedTokenizerBase,
-                   add_generation_prompt: bool) -> list[tuple[int, int]] | None:
-    """Where each message's content sits in `text`, their rendering; None if the template rewrites a content.
+                   add_generation_prompt: bool) -> list[tuple[int, int]]:
+    """Where each message's content sits in `text`, their rendering; an error if the template rewrites one.
 
     Searching `text` for a content could land in the template's own markup (a content "<|im_end|>" matches
     every turn's end), so the template is rendered once more with a marker for each content: the markup is the
@@ -99,7 +99,9 @@ def _content_spans(text: str, messages: Sequence[dict[str, str]], tokenizer: Pre
         at = masked.find(mark, pos)
         content = next((c for c in (m["content"], m["content"].strip()) if text.startswith(c, at + shift)), None)
         if at < 0 or content is None:  # the template dropped or rewrote this content
-            return None
+            raise SqsdError(f"the chat template of {tokenizer.name_or_path!r} rewrites the message "
+                            f"{m['content'][:80]!r}, so special-token text in the conversation cannot be told "
+                            "apart from the template's control tokens")
         spans.append((at + shift, at + shift + len(content)))
         shift += len(content) - len(mark)
         pos = at + len(mark)
@@ -118,9 +120,6 @@ def _tokenize(text: str, messages: Sequence[dict[str, str]], tokenizer: PreTrain
     if not pattern or not any(re.search(pattern, m["content"]) for m in messages):
         return ids, offsets
     spans = _content_spans(text, messages, tokenizer, add_generation_prompt)
-    if spans is None:
-        raise SqsdError(f"the chat template of {tokenizer.name_or_path!r} rewrites a message that holds a special "
-                        "token's text, so that text cannot be kept apart from the template's control tokens")
     out_ids, out_offsets = [], []
     for token, (start, end) in zip(ids, offsets):
         if token in specials and any(a <= start and end <= b for a, b in spans):
