@@ -10,7 +10,8 @@ ties by dataset index. Skipped rows are never selected. Modes (exactly one):
 
 Every output line is the record's original field dict as read from its file (a Dolly row stays a Dolly row:
 instruction/context/response/category), so a subset feeds straight into `sqsd train` or any other tool. CSV
-and Parquet rows become JSON objects with the same columns. `filter.json` holds the counts and the score range
+and Parquet rows become JSON objects with the same columns (dates and times as ISO 8601 strings, see
+`sqsd.readers`). `filter.json` holds the counts and the score range
 and ranks of each subset; `run.json` the config and fingerprints of the scores and the data.
 """
 

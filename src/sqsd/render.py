@@ -26,7 +26,6 @@ without such strings (nearly all) are tokenised exactly as before, in one call o
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -116,8 +115,7 @@ def _tokenize(text: str, messages: Sequence[dict[str, str]], tokenizer: PreTrain
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     specials = {i: t.content for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    pattern = "|".join(map(re.escape, specials.values()))
-    if not pattern or not any(re.search(pattern, m["content"]) for m in messages):
+    if not any(special in m["content"] for m in messages for special in specials.values()):
         return ids, offsets
     spans = _content_spans(text, messages, tokenizer, add_generation_prompt)
     out_ids, out_offsets = [], []
