@@ -81,9 +81,17 @@ def test_a_different_judge_into_the_same_file_refuses(tmp_path):
 BAD_JUDGED = Path(__file__).parent / "bad_inputs" / "judged"
 
 
-@pytest.mark.parametrize("name, where, message", [
-    ("cut_line.jsonl", ":2", "invalid JSON: Unterminated string"),
-    ("missing_judge.jsonl", ":2", "field 'judge': missing required field")])
+BAD_JUDGED_FILES = [("cut_line.jsonl", ":2", "invalid JSON: Unterminated string"),
+                    ("missing_judge.jsonl", ":2", "field 'judge': missing required field")]
+
+
+def test_every_bad_judged_file_is_tested_and_documented():
+    assert {p.name for p in BAD_JUDGED.iterdir()} == {name for name, *_ in BAD_JUDGED_FILES}
+    readme = (BAD_JUDGED.parent / "README.md").read_text()
+    assert all(f"| judged/{name} |" in readme for name, *_ in BAD_JUDGED_FILES)
+
+
+@pytest.mark.parametrize("name, where, message", BAD_JUDGED_FILES, ids=[b[0] for b in BAD_JUDGED_FILES])
 def test_corrupt_judged_file_names_the_line_and_how_to_recover(name, where, message, tmp_path):
     gens, judged = tmp_path / "harmful.generations.jsonl", tmp_path / "harmful.keyword.jsonl"
     _generations(gens, ["Sure.", "No."])
