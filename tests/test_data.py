@@ -195,6 +195,36 @@ def test_parquet_uses_rows(tmp_path):
                               Record("a.parquet:1", str(path), 1, user("I1\n\ndoc"), "O1", {"score": 1.5})]
 
 
+
+def test_parquet_dates_and_times_are_carried_as_iso_strings(tmp_path):
+    import datetime
+
+    path = tmp_path / "t.parquet"
+    when = datetime.datetime(2024, 5, 6, 7, 8, 9, tzinfo=datetime.timezone.utc)
+    pq.write_table(pa.table({"instruction": ["I0", "I1"], "output": ["O0", "O1"], "when": [when, None],
+                             "day": [datetime.date(2024, 5, 6)] * 2,
+                             "log": [[{"at": when}], []]}), path)
+    metas = [r.meta for r in load_records(str(path)).records]
+    assert metas == [{"when": "2024-05-06T07:08:09+00:00", "day": "2024-05-06",
+                      "log": [{"at": "2024-05-06T07:08:09+00:00"}]},
+                     {"when": None, "day": "2024-05-06", "log": []}]
+    json.dumps(metas)  # what outputs do with meta
+
+
+def test_json_array_too_deep_or_with_a_lone_surrogate(tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text('[{"instruction": "a", "output": "b", "x": ' + "[" * 3000 + "]" * 3000 + "}]")
+    with pytest.raises(DataError, match=r"deep\.json: invalid JSON: nested more than 100 levels deep"):
+        load_records(str(deep))
+    nest = lambda n: '{"instruction": "a", "output": "b", "x": ' + "[" * n + "]" * n + "}"  # noqa: E731
+    deep.write_text(f"[{nest(100)}, {nest(101)}]")  # the limit is 100 levels below the record
+    with pytest.raises(DataError, match=r"deep\.json row 1: field 'x': is nested more than 100 levels deep"):
+        load_records(str(deep))
+    broken = tmp_path / "s.json"
+    broken.write_text('[{"instruction": "a", "output": "b"}, {"instruction": "a\\udc00", "output": "b"}]')
+    with pytest.raises(DataError, match=r"s\.json row 1: field 'instruction': holds a lone surrogate U\+DC00"):
+        load_records(str(broken))
+
 # --- detection and explicit formats ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fields, expected", [
@@ -382,12 +412,16 @@ BAD_INPUTS = [
     ("bad_messages.jsonl", "auto", ":2", "messages[1].role", "the last message must be the assistant response", 2),
     ("bad_row.json", "auto", " row 1", "instruction", "is empty", 2),
     ("broken.json", "auto", ":4", None, "invalid JSON: Expecting ',' delimiter (column 3)", None),
+    ("bytes_column.parquet", "auto", " row 1", "audio", "holds a bytes value, which sqsd cannot carry", None),
+    ("deep_nesting.jsonl", "auto", ":2", None, "invalid JSON: nested more than 100 levels deep", 2),
     ("duplicate_id.jsonl", "auto", ":3", "id", "duplicate id 'a'", 3),
     ("empty.jsonl", "auto", None, None, "file is empty", None),
     ("empty_response.jsonl", "auto", ":4", "response", "is empty", 3),
     ("latin1.jsonl", "auto", ":2", None, "not valid UTF-8 at byte 99", None),
+    ("lone_surrogate.jsonl", "auto", ":2", "messages[1].content", "holds a lone surrogate U+D83D", 2),
     ("missing_column.csv", "alpaca", ":1", "output", "missing required column", None),
     ("missing_field.jsonl", "auto", ":2", "output", "missing required field", 3),
+    ("nested_too_deep.jsonl", "auto", ":2", "extra", "is nested more than 100 levels deep", 2),
     ("not_a_list.json", "auto", None, None, "expected a list of records", None),
     ("not_object.jsonl", "auto", ":2", None, "expected a JSON object, got list", 2),
     ("pku_bad_safer_id.jsonl", "auto", ":2", "safer_response_id", "must be 0 or 1, got int 2", 2),
@@ -399,7 +433,7 @@ BAD_INPUTS = [
 
 
 def test_every_bad_input_file_is_tested_and_documented():
-    files = {p.name for p in BAD.iterdir() if p.name != "README.md"}
+    files = {p.name for p in BAD.iterdir() if p.is_file() and p.name != "README.md"}  # folders: other readers
     assert files == {name for name, *_ in BAD_INPUTS}
     readme = (BAD / "README.md").read_text()
     assert all(f"| {name} |" in readme for name in files)
@@ -426,7 +460,10 @@ def test_bad_input(name, fmt, where, field, message, kept):
 
 
 @pytest.mark.parametrize("name, location, field", [("missing_field.jsonl", ":2", "output"),
-                                                   ("wrong_type.parquet", " row 1", "output")])
+                                                   ("wrong_type.parquet", " row 1", "output"),
+                                                   ("bytes_column.parquet", " row 1", "audio"),
+                                                   ("lone_surrogate.jsonl", ":2", "messages[1].content"),
+                                                   ("nested_too_deep.jsonl", ":2", "extra")])
 def test_cli_reports_bad_input_without_traceback(name, location, field, capsys):
     path = str(BAD / name)
     assert main(["data", "inspect", path]) == 2

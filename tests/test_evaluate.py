@@ -1,7 +1,9 @@
 import json
+from pathlib import Path
 
 import pytest
 
+from sqsd.errors import SqsdError
 from sqsd.evaluate import asr_summary, bootstrap_ci, judge_file
 from sqsd.judges import Judgment, KeywordJudge
 
@@ -74,6 +76,33 @@ def test_a_different_judge_into_the_same_file_refuses(tmp_path):
         judge_file(gens, judged, Unsafe, "llama-guard:guard-b", overwrite=False)
     rows = judge_file(gens, judged, Unsafe, "llama-guard:guard-b", overwrite=True)
     assert rows[0]["categories"] == ["S1"] and rows[0]["judge"] == "llama-guard:guard-b"
+
+
+BAD_JUDGED = Path(__file__).parent / "bad_inputs" / "judged"
+
+
+BAD_JUDGED_FILES = [("cut_line.jsonl", ":2", "invalid JSON: Unterminated string"),
+                    ("missing_judge.jsonl", ":2", "field 'judge': missing required field")]
+
+
+def test_every_bad_judged_file_is_tested_and_documented():
+    assert {p.name for p in BAD_JUDGED.iterdir()} == {name for name, *_ in BAD_JUDGED_FILES}
+    readme = (BAD_JUDGED.parent / "README.md").read_text()
+    assert all(f"| judged/{name} |" in readme for name, *_ in BAD_JUDGED_FILES)
+
+
+@pytest.mark.parametrize("name, where, message", BAD_JUDGED_FILES, ids=[b[0] for b in BAD_JUDGED_FILES])
+def test_corrupt_judged_file_names_the_line_and_how_to_recover(name, where, message, tmp_path):
+    gens, judged = tmp_path / "harmful.generations.jsonl", tmp_path / "harmful.keyword.jsonl"
+    _generations(gens, ["Sure.", "No."])
+    judged.write_bytes((BAD_JUDGED / name).read_bytes())
+    with pytest.raises(SqsdError) as info:
+        judge_file(gens, judged, CountingJudge, "keyword", overwrite=False)
+    assert str(info.value).startswith(f"{judged}{where}: ") and message in str(info.value)
+    assert str(info.value).endswith(f"delete {judged} to judge every response again (the generations are kept)")
+    assert gens.read_text().count("\n") == 2  # nothing lost
+    judged.unlink()  # the advice works
+    assert len(judge_file(gens, judged, CountingJudge, "keyword", overwrite=False)) == 2
 
 
 def test_evaluate_end_to_end_then_rejudge_without_regenerating(tmp_path, model, tokenizer):

@@ -3,9 +3,11 @@ in the dataset's own format, and clear errors for bad options."""
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
+from sqsd.cli import main
 from sqsd.config import FilterConfig
 from sqsd.errors import SqsdError
 from sqsd.filter import filter_scores, window_starts
@@ -119,7 +121,8 @@ def test_bad_options_are_clear_errors(scored, tmp_path):
         run(scores, tmp_path / "c", drop_top=1, by="danger")
     other = tmp_path / "other.jsonl"
     other.write_text("".join(json.dumps({**dolly(i), "id": f"x{i}"}) + "\n" for i in range(len(RISK))))
-    with pytest.raises(SqsdError, match="row index 0 has id 'dolly.jsonl:1', but .*other.jsonl has 'x0' there"):
+    with pytest.raises(SqsdError, match=r"scores.jsonl:1: field 'id': 'dolly.jsonl:1' at index 0, but .*other.jsonl "
+                                        r"has 'x0' there; pass the --data that was scored"):
         run(scores, tmp_path / "d", drop_top=1, data=str(other))
     (scores.parent / "run.json").unlink()
     with pytest.raises(SqsdError, match="no --data given"):
@@ -128,3 +131,61 @@ def test_bad_options_are_clear_errors(scored, tmp_path):
     with pytest.raises(SqsdError, match="different config.*drop_top: 1 -> 2.*--overwrite"):
         run(scores, tmp_path / "f", drop_top=2, data=str(data))
     assert len(run(scores, tmp_path / "f", drop_top=2, data=str(data), overwrite=True)["dropped"]) == 2
+
+
+# --- the malformed scores files in tests/bad_inputs/scores, all against the dataset dolly.jsonl there ----------
+
+BAD_SCORES = Path(__file__).parent / "bad_inputs" / "scores"
+# file, where the error is (None = the file as a whole), message fragment
+BAD_SCORE_FILES = [
+    ("array_line.jsonl", ":2", "expected a JSON object, got list"),
+    ("duplicate_row.jsonl", ":3", "field 'index': index 1 is also on line 2: a sample has two rows"),
+    ("index_outside.jsonl", ":3", "field 'index': index 7 is not a record of"),
+    ("missing_index.jsonl", ":2", "field 'index': missing required field"),
+    ("missing_row.jsonl", None, "has 2 rows but"),
+    ("other_data.jsonl", ":2", "field 'id': 'alpaca.jsonl:2' at index 1, but"),
+    ("truncated.parquet", None, "not a readable Parquet file"),
+]
+
+
+def test_every_bad_scores_file_is_tested_and_documented():
+    assert {p.name for p in BAD_SCORES.iterdir()} - {"dolly.jsonl"} == {name for name, *_ in BAD_SCORE_FILES}
+    readme = (BAD_SCORES.parent / "README.md").read_text()
+    assert all(f"| scores/{name} |" in readme for name, *_ in BAD_SCORE_FILES)
+
+
+@pytest.mark.parametrize("name, where, message", BAD_SCORE_FILES, ids=[b[0] for b in BAD_SCORE_FILES])
+def test_bad_scores_file_is_one_located_error_and_writes_nothing(name, where, message, tmp_path, capsys):
+    path, data, out = str(BAD_SCORES / name), str(BAD_SCORES / "dolly.jsonl"), tmp_path / "out"
+    with pytest.raises(SqsdError) as info:
+        filter_scores(FilterConfig(scores=path, data=data, output_dir=str(out), drop_top=1))
+    assert str(info.value).startswith(f"{path}{where or ''}")
+    assert message in str(info.value)
+    assert not out.exists()
+    assert main(["filter", path, "--data", data, "--output-dir", str(out), "--drop-top", "1"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_parquet_timestamps_reach_the_subsets_as_iso_strings(scored, tmp_path):
+    import datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    scores, _, rows = scored
+    when = [datetime.datetime(2024, 1, 1 + i, 12, 0) for i in range(len(RISK))]
+    data = tmp_path / "dolly.parquet"
+    pq.write_table(pa.Table.from_pylist([{**dolly(i), "when": when[i]} for i in range(len(RISK))]), data)
+    write_scores([{**r, "id": f"dolly.parquet:{r['index']}"} for r in rows], scores)
+    out = run(scores, tmp_path / "t", drop_top=1, data=str(data))
+    assert out["dropped"] == [{**dolly(1), "when": "2024-01-02T12:00:00"}]
+
+
+def test_a_row_without_the_ranking_column_is_named(scored, tmp_path):
+    scores, _, rows = scored
+    scores.write_text("".join(json.dumps({k: v for k, v in r.items() if not (k == "risk" and r["index"] == 4)}) + "\n"
+                              for r in rows))
+    with pytest.raises(SqsdError, match=r"--by risk: .*scores.jsonl, row index 4 \(id 'dolly.jsonl:5'\): the value "
+                                        r"is missing"):
+        run(scores, tmp_path / "m", drop_top=1)

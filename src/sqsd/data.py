@@ -2,8 +2,9 @@
 
 A source is a local file (`.jsonl`/`.ndjson`, `.json`, `.csv`/`.tsv`, `.parquet`, `.txt`), a named dataset
 (`sqsd.assets.named_dataset`, e.g. `dolly-sqsd` or `dolly-sqsd:S1`) or a Hugging Face dataset id (`owner/name`).
-Readers (here) turn a source into raw field dicts; format parsers (`sqsd.formats`: alpaca, dolly, messages,
-prompt-completion, beavertails, pku-saferlhf, prompts) turn a field dict into a `Record`. The format is
+Readers (`sqsd.readers`, which also says what of a field they keep) turn a file into raw field dicts; format
+parsers (`sqsd.formats`: alpaca, dolly, messages, prompt-completion, beavertails, pku-saferlhf, prompts) turn a
+field dict into a `Record`. The format is
 detected once, from the field names of the first record, unless given explicitly.
 
 Where a record sits: JSONL, CSV and TXT records are numbered by their 1-based line in the file (a CSV header is
@@ -23,14 +24,10 @@ not detectable, a required column missing) always stop the load.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
-import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +43,7 @@ from sqsd.formats import (
     type_name,
     undetectable,
 )
+from sqsd.readers import READERS, json_value
 
 __all__ = ["SPLITS", "BadRecord", "LoadedData", "Record", "detect_format", "load_from_config", "load_records",
            "split_of"]
@@ -101,104 +99,6 @@ class LoadedData:
     format: str
     sources: tuple[str, ...]
     bad: list[BadRecord] = field(default_factory=list)
-
-
-# --- readers: a file -> raw rows; a DataError item is a bad record, a raised DataError a bad file --------------
-
-def _object(value: Any, file: str, row: int, kind: str) -> RawRecord | DataError:
-    if isinstance(value, dict):
-        return RawRecord(value, file, row, kind)
-    return DataError(file, f"expected a JSON object, got {type_name(value)}", line=row, kind=kind)
-
-
-def _read_text(path: Path, file: str) -> str:
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise SqsdError(f"cannot read {file}: {e.strerror}") from None
-    try:
-        return raw.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise DataError(file, f"not valid UTF-8 at byte {e.start}; save the file as UTF-8", line=line) from None
-
-
-def _read_jsonl(path: Path, file: str) -> Iterator[RawRecord | DataError]:
-    # split on "\n" only: str.splitlines() also breaks at characters like U+2028 and would shift line numbers
-    for number, line in enumerate(_read_text(path, file).split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as e:
-            yield DataError(file, f"invalid JSON: {e.msg} (column {e.colno})", line=number)
-            continue
-        yield _object(value, file, number, "line")
-
-
-def _read_json(path: Path, file: str) -> Iterator[RawRecord | DataError]:
-    text = _read_text(path, file)
-    if not text.strip():
-        raise DataError(file, "file is empty")
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as e:
-        hint = "; one JSON object per line is JSON Lines: name the file .jsonl" if e.msg == "Extra data" else ""
-        raise DataError(file, f"invalid JSON: {e.msg} (column {e.colno}){hint}", line=e.lineno) from None
-    if isinstance(doc, dict) and len(doc) == 1 and isinstance(next(iter(doc.values())), list):
-        doc = next(iter(doc.values()))  # {"data": [...]} / {"train": [...]}
-    if not isinstance(doc, list):
-        got = f"an object with keys {sorted(doc)[:8]}" if isinstance(doc, dict) else type_name(doc)
-        raise DataError(file, f"expected a list of records (or an object with one key holding that list), got {got}")
-    for index, value in enumerate(doc):
-        yield _object(value, file, index, "row")
-
-
-def _read_csv(path: Path, file: str, delimiter: str = ",") -> Iterator[RawRecord | DataError]:
-    reader = csv.reader(io.StringIO(_read_text(path, file), newline=""), delimiter=delimiter)
-    header: list[str] | None = None
-    end = 0
-    try:
-        for cells in reader:
-            start, end = end + 1, reader.line_num  # a quoted cell may span lines; report the record's first
-            if not any(cell.strip() for cell in cells):
-                continue
-            if header is None:
-                header = [cell.strip() for cell in cells]
-                duplicates = sorted({c for c in header if header.count(c) > 1})
-                if duplicates:
-                    raise DataError(file, f"duplicate column(s) {duplicates} in the header", line=start)
-            elif len(cells) != len(header):
-                yield DataError(file, f"has {len(cells)} values but the header has {len(header)} columns",
-                                line=start)
-            else:
-                yield RawRecord(dict(zip(header, cells, strict=True)), file, start, "line", typed=False)
-    except csv.Error as e:
-        raise DataError(file, f"invalid CSV: {e}", line=end + 1) from None
-
-
-def _read_parquet(path: Path, file: str) -> Iterator[RawRecord | DataError]:
-    import pyarrow  # imported here: only Parquet files need it
-    import pyarrow.parquet
-
-    try:
-        rows = pyarrow.parquet.read_table(path).to_pylist()
-    except (pyarrow.ArrowException, OSError) as e:
-        raise DataError(file, f"not a readable Parquet file: {e}") from None
-    for index, fields in enumerate(rows):
-        yield RawRecord(fields, file, index, "row")
-
-
-def _read_txt(path: Path, file: str) -> Iterator[RawRecord | DataError]:
-    for number, line in enumerate(_read_text(path, file).split("\n"), start=1):
-        if line.strip():
-            yield RawRecord({"prompt": line.strip()}, file, number, "line")
-
-
-READERS: dict[str, Callable[[Path, str], Iterator[RawRecord | DataError]]] = {
-    ".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".csv": _read_csv,
-    ".tsv": partial(_read_csv, delimiter="\t"), ".parquet": _read_parquet, ".txt": _read_txt,
-}
 
 
 # --- sources ---------------------------------------------------------------------------------------------------
@@ -259,7 +159,8 @@ def _hub_source(data: str, split: str) -> _Source:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise SqsdError(f"cannot read '{data}': not a file, not a named dataset (see `sqsd assets list`), and "
                         f"loading it as a Hugging Face dataset failed: {reason}") from None
-    rows = (RawRecord(dict(example), data, index, "row") for index, example in enumerate(dataset))
+    rows = (RawRecord(json_value(dict(example), data, index, ""), data, index, "row")
+            for index, example in enumerate(dataset))
     return _Source(data, data, f"{data}:{split}", rows, tabular=True, empty=f"split '{split}' has no records")
 
 

@@ -28,6 +28,7 @@ from sqsd.data import load_records
 from sqsd.errors import SqsdError
 from sqsd.generate import generate_file
 from sqsd.judges import HarmBenchJudge, KeywordJudge, LlamaGuardJudge
+from sqsd.readers import read_rows
 from sqsd.runs import fingerprint, write_json_atomic
 
 CATEGORY_FIELDS = ("category", "Category", "risk_area", "SemanticCategory")
@@ -93,9 +94,13 @@ def _category(meta: dict[str, Any]) -> str | None:
     return None if value is None else str(value)
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    # split on "\n" only: str.splitlines() would also split inside a response at U+2028 or U+0085
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+# what `judge_file` reads back from the lines it wrote (nulls: an unparsed verdict)
+JUDGED_FIELDS: dict[str, type | tuple[type, ...]] = {"id": str, "sample": int, "response": str, "judge": str,
+                                                      "unsafe": (bool, type(None))}
+
+
+def _rows(path: Path, required: dict[str, type | tuple[type, ...]]) -> list[dict[str, Any]]:
+    return [r.fields for r in read_rows(path, required)]
 
 
 def judge_file(generations: Path, judged: Path, get_judge: Callable[[], Any], judge_id: str,
@@ -104,10 +109,13 @@ def judge_file(generations: Path, judged: Path, get_judge: Callable[[], Any], ju
 
     `get_judge` is called only when some response still needs a verdict, so a rerun never loads a judge model.
     """
-    rows = _read_jsonl(generations)
+    rows = _rows(generations, {"id": str, "sample": int, "prompt": str, "response": str})
     cached: dict[tuple[str, int, str], dict] = {}
     if judged.exists():
-        old = _read_jsonl(judged)
+        try:
+            old = _rows(judged, JUDGED_FIELDS)
+        except SqsdError as e:  # a hand edit or a disk fault: the verdicts are cheap to redo, the generations not
+            raise SqsdError(f"{e}; delete {judged} to judge every response again (the generations are kept)") from None
         if old and old[0]["judge"] != judge_id and not overwrite:
             raise SqsdError(f"{judged} was judged by {old[0]['judge']}, not {judge_id}; pass --overwrite")
         cached = {(r["id"], r["sample"], r["response"]): r for r in old if r["judge"] == judge_id}
@@ -163,7 +171,7 @@ def evaluate(config: EvaluateConfig, get_model: Callable[[], tuple[Any, Any]] | 
     if "benign" in files:
         keyword = KeywordJudge()
         by_prompt: dict[str, list[bool]] = defaultdict(list)
-        for row in _read_jsonl(files["benign"]):
+        for row in _rows(files["benign"], {"id": str, "response": str}):
             by_prompt[row["id"]].append(keyword.refusal(row["response"]) is not None)
         refused = [float(np.mean(v)) for _, v in sorted(by_prompt.items())]
         summary["over_refusal"] = rate_summary(refused, config.n_bootstrap, config.seed)

@@ -10,7 +10,8 @@ ties by dataset index. Skipped rows are never selected. Modes (exactly one):
 
 Every output line is the record's original field dict as read from its file (a Dolly row stays a Dolly row:
 instruction/context/response/category), so a subset feeds straight into `sqsd train` or any other tool. CSV
-and Parquet rows become JSON objects with the same columns. `filter.json` holds the counts and the score range
+and Parquet rows become JSON objects with the same columns (dates and times as ISO 8601 strings, see
+`sqsd.readers`). `filter.json` holds the counts and the score range
 and ranks of each subset; `run.json` the config and fingerprints of the scores and the data.
 """
 
@@ -25,8 +26,9 @@ from typing import Any
 from sqsd.config import FilterConfig, to_dict
 from sqsd.data import Record, load_records, raw_rows
 from sqsd.errors import SqsdError
+from sqsd.formats import RawRecord
 from sqsd.runs import RUN_FILE, data_fingerprints, fingerprint, prepare_run, write_json_atomic
-from sqsd.score import OK, read_scores
+from sqsd.score import OK, score_rows
 
 FILTER_FILE = "filter.json"
 
@@ -48,9 +50,10 @@ def rank(rows: Sequence[dict[str, Any]], by: str, source: str = "the scores") ->
         raise SqsdError(f"--by {by}: {source} has no such column; numeric columns: {', '.join(numeric)}")
     ok = [r for r in rows if r.get("status") == OK]
     for r in ok:
-        value = r[by]
+        value = r.get(by)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            what = "is empty (null)" if value is None else f"is not a finite number ({value!r})"
+            what = ("is missing" if by not in r else "is empty (null)" if value is None
+                    else f"is not a finite number ({value!r})")
             raise SqsdError(f"--by {by}: {source}, row index {r['index']} (id {r['id']!r}): the value {what}"
                             + ("; was that term scored? (`sqsd score --danger/--safety`)" if value is None else ""))
     return sorted(ok, key=lambda r: (-r[by], r["index"]))
@@ -84,7 +87,13 @@ def select(ranked: Sequence[dict[str, Any]], config: FilterConfig) -> dict[str, 
 
 def _scored_config(scores: Path) -> dict[str, Any]:
     run = scores.parent / RUN_FILE
-    return json.loads(run.read_text()).get("config", {}) if run.is_file() else {}
+    if not run.is_file():
+        return {}
+    try:
+        return json.loads(run.read_text(encoding="utf-8")).get("config", {})
+    except (ValueError, AttributeError):  # not JSON, or JSON but not an object
+        raise SqsdError(f"{run} is not the run.json `sqsd score` writes, so which data was scored is unknown; "
+                        "pass --data (the same dataset spec that was scored)") from None
 
 
 def _records(config: FilterConfig, scores: Path) -> tuple[str, list[Record]]:
@@ -99,33 +108,37 @@ def _records(config: FilterConfig, scores: Path) -> tuple[str, list[Record]]:
     return data, loaded.records
 
 
-def _check_match(rows: Sequence[dict[str, Any]], records: Sequence[Record], scores: Path, data: str) -> None:
-    if len(rows) != len(records):
-        raise SqsdError(f"{scores} has {len(rows)} rows but {data} gives {len(records)} records; pass the --data "
-                        "that was scored")
+def _check_match(rows: Sequence[RawRecord], records: Sequence[Record], scores: Path, data: str) -> None:
+    """Each record has exactly one row, at its index and with its id (`score_rows` refused repeated indices)."""
+    hint = "pass the --data that was scored"
     for r in rows:
-        i = r["index"]
-        if not isinstance(i, int) or not 0 <= i < len(records) or records[i].id != r["id"]:
-            found = records[i].id if isinstance(i, int) and 0 <= i < len(records) else "no record"
-            raise SqsdError(f"{scores}: row index {i} has id {r['id']!r}, but {data} has {found!r} there; pass "
-                            "the --data that was scored")
+        i = r.fields["index"]
+        if not 0 <= i < len(records):
+            raise r.error(f"index {i} is not a record of {data}, which gives {len(records)}; {hint}", "index")
+        if records[i].id != r.fields["id"]:
+            raise r.error(f"{r.fields['id']!r} at index {i}, but {data} has {records[i].id!r} there; {hint}", "id")
+    if len(rows) != len(records):
+        missing = min(set(range(len(records))) - {r.fields["index"] for r in rows})
+        raise SqsdError(f"{scores} has {len(rows)} rows but {data} gives {len(records)} records; none for index "
+                        f"{missing} (id {records[missing].id!r}): {hint}, or rescore")
 
 
 def _write_jsonl(path: Path, lines: Sequence[dict[str, Any]]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(line, ensure_ascii=False, default=str) + "\n" for line in lines)
+        f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
     tmp.replace(path)
 
 
 def filter_scores(config: FilterConfig) -> Path:
     """`sqsd filter`: write the subsets of `config` into `config.output_dir`; returns the folder."""
     scores = Path(config.scores)
-    rows = read_scores(scores)
+    located = score_rows(scores)
+    rows = [r.fields for r in located]
     ranked = rank(rows, config.by, str(scores))
     subsets = select(ranked, config)
     data, records = _records(config, scores)
-    _check_match(rows, records, scores, data)
+    _check_match(located, records, scores, data)
 
     out = Path(config.output_dir)
     inputs = {"scores": fingerprint(scores), **data_fingerprints(data)}

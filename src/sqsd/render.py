@@ -14,6 +14,14 @@ token. Which tokens those are is read off the rendered conversation itself, neve
 
 Truncation to `max_length` drops prompt tokens from the left first, then response tokens from the right. A
 record left with no supervised token is returned as a skip with its reason, never scored as NaN.
+
+Text is data, never markup: a special token's string inside a message or response (a user writing
+`<|im_end|>`, a fake `<|im_start|>assistant` turn) is tokenised as the plain text it is, not as the control
+token, in training, scoring and generation alike (`_tokenize`). We escape rather than warn because a warning
+would still leave such a record scored as a different conversation than its text says (a response with an
+early end of turn, a second assistant turn in the prompt), and escaping needs no choice from the user; it is also
+what the model meets when the same text comes out of a tokenizer that does not parse special tokens. Records
+without such strings (nearly all) are tokenised exactly as before, in one call over the rendered text.
 """
 
 from __future__ import annotations
@@ -70,7 +78,57 @@ def prompt_text(messages: Sequence[dict[str, str]], tokenizer: PreTrainedTokeniz
 def encode_prompt(messages: Sequence[dict[str, str]], tokenizer: PreTrainedTokenizerBase,
                   system_prompt: str | None = None) -> list[int]:
     """Token ids of a prompt ready for generation (the template supplies BOS where the model wants it)."""
-    return tokenizer(prompt_text(messages, tokenizer, system_prompt), add_special_tokens=False)["input_ids"]
+    messages = with_system(messages, system_prompt)
+    return _tokenize(prompt_text(messages, tokenizer), messages, tokenizer, add_generation_prompt=True)[0]
+
+
+def _content_spans(text: str, messages: Sequence[dict[str, str]], tokenizer: PreTrainedTokenizerBase,
+                   add_generation_prompt: bool) -> list[tuple[int, int]]:
+    """Where each message's content sits in `text`, their rendering; an error if the template rewrites one.
+
+    Searching `text` for a content could land in the template's own markup (a content "<|im_end|>" matches
+    every turn's end), so the template is rendered once more with a marker for each content: the markup is the
+    same, and the markers say where the contents go. Templates may trim a content (Llama 3 does).
+    """
+    marks = [f"\ue000{i}\ue001" for i in range(len(messages))]  # private-use characters, untouched by templates
+    masked = tokenizer.apply_chat_template([{**m, "content": mark} for m, mark in zip(messages, marks)],
+                                           tokenize=False, add_generation_prompt=add_generation_prompt)
+    spans, shift, pos = [], 0, 0
+    for m, mark in zip(messages, marks):
+        at = masked.find(mark, pos)
+        content = next((c for c in (m["content"], m["content"].strip()) if text.startswith(c, at + shift)), None)
+        if at < 0 or content is None:  # the template dropped or rewrote this content
+            raise SqsdError(f"the chat template of {tokenizer.name_or_path!r} rewrites the message "
+                            f"{m['content'][:80]!r}, so special-token text in the conversation cannot be told "
+                            "apart from the template's control tokens")
+        spans.append((at + shift, at + shift + len(content)))
+        shift += len(content) - len(mark)
+        pos = at + len(mark)
+    return spans
+
+
+def _tokenize(text: str, messages: Sequence[dict[str, str]], tokenizer: PreTrainedTokenizerBase,
+              add_generation_prompt: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids and character offsets of `text`, the chat template's rendering of `messages`, with each special
+    token that comes from a message's content replaced by the plain-text tokens of its string (module
+    docstring). The template's own special tokens, outside the contents, stay control tokens."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    specials = {i: t.content for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    if not any(special in m["content"] for m in messages for special in specials.values()):
+        return ids, offsets
+    spans = _content_spans(text, messages, tokenizer, add_generation_prompt)
+    out_ids, out_offsets = [], []
+    for token, (start, end) in zip(ids, offsets):
+        if token in specials and any(a <= start and end <= b for a, b in spans):
+            plain = tokenizer(text[start:end], add_special_tokens=False, split_special_tokens=True,
+                              return_offsets_mapping=True)
+            out_ids += plain["input_ids"]
+            out_offsets += [(start + s, start + e) for s, e in plain["offset_mapping"]]
+        else:
+            out_ids.append(token)
+            out_offsets.append((start, end))
+    return out_ids, out_offsets
 
 
 def _response_span(full: str, start: int, response: str) -> tuple[int, int] | None:
@@ -104,8 +162,7 @@ def encode_record(record: Record, tokenizer: PreTrainedTokenizerBase, system_pro
     if span is None:
         raise SqsdError(f"record {record.id}: the chat template of {tokenizer.name_or_path!r} rewrites the "
                         "response text, so its tokens cannot be located")
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    ids, offsets = _tokenize(full, messages + [{"role": "assistant", "content": record.response}], tokenizer)
     # Supervised: tokens with any character in [len(prefix), response end), then the end-of-turn token.
     first = next(i for i, (_, e) in enumerate(offsets) if e > len(prefix))
     after = next((i for i, (s, _) in enumerate(offsets) if s >= span[1]), None)

@@ -43,6 +43,8 @@ from sqsd.config import ScoreConfig
 from sqsd.data import Record
 from sqsd.directions import Direction
 from sqsd.errors import SqsdError
+from sqsd.formats import RawRecord
+from sqsd.readers import read_rows
 from sqsd.render import Encoded, Skip, encode_record
 from sqsd.runs import broadcast
 from sqsd.scoring import project
@@ -207,23 +209,25 @@ def write_scores(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def read_scores(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a scores file written by `sqsd score` (.parquet or .jsonl); nulls come back as None."""
-    path = Path(path)
-    if not path.is_file():
+def score_rows(path: str | Path) -> list[RawRecord]:
+    """The rows of a scores file written by `sqsd score` (.parquet or .jsonl), each where it was read, checked:
+    an integer `index` that no other row has, a string `id` and `status`. Anything else (a hand-edited or
+    truncated file) is a DataError naming the file, the line or row and the field."""
+    if not Path(path).is_file():
         raise SqsdError(f"scores file {path} does not exist")
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(str(path)).to_pylist()
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise SqsdError(f"{path}:{number}: not a JSON line ({e.msg})") from None
+    rows = read_rows(path, {"index": int, "id": str, "status": str})
+    seen: dict[int, RawRecord] = {}
+    for r in rows:
+        first = seen.setdefault(r.fields["index"], r)
+        if first is not r:
+            raise r.error(f"index {r.fields['index']} is also on {first.kind} {first.row}: a sample has two rows "
+                          "(the scores file was edited or written twice); rescore or remove the extra row", "index")
     return rows
+
+
+def read_scores(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a scores file (`score_rows`) as dicts; nulls come back as None."""
+    return [r.fields for r in score_rows(path)]
 
 
 def _write_chunk(path: Path, rows: Sequence[dict[str, Any]]) -> None:
