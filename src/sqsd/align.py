@@ -19,6 +19,7 @@ from pathlib import Path
 
 from sqsd.config import AlignConfig, TrainConfig, to_dict
 from sqsd.data import Record, load_records
+from sqsd.options import LoraArgs, MethodArgs, ModelArgs, OptimArgs, RenderArgs
 from sqsd.runs import prepare_run, write_json_atomic
 
 # Varied refusals: one template per harmful prompt, chosen by a hash of its id so the choice is stable.
@@ -99,12 +100,9 @@ def align(config: AlignConfig) -> Path:
     print(f"alignment data: {n_refuse} harmful -> refusal, {len(records) - n_refuse} benign -> answer")
     # A full fine-tune writes its model straight into model/; a LoRA trains into train/ and is merged below.
     train_dir = out / (MODEL_DIR if config.method == "full" else "train")
-    train_config = TrainConfig(
-        data=str(out / "align_data.jsonl"), output_dir=str(train_dir), model=config.model,
-        method=config.method, lora_r=config.lora_r, lora_alpha=config.lora_alpha,
-        learning_rate=config.learning_rate, epochs=config.epochs, batch_size=config.batch_size,
-        seed=config.seed, max_length=config.max_length, system_prompt=config.system_prompt,
-        logging_steps=5)
+    shared = (ModelArgs, RenderArgs, MethodArgs, LoraArgs, OptimArgs)  # the training flags align shares with train
+    train_config = TrainConfig(data=str(out / "align_data.jsonl"), output_dir=str(train_dir),
+                               **{f.name: getattr(config, f.name) for g in shared for f in dataclasses.fields(g)})
     result = train_model(model, tokenizer, records, train_config, train_dir)
     if config.method == "lora":
         result.model.merge_and_unload().save_pretrained(out / MODEL_DIR)

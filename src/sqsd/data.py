@@ -34,7 +34,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from sqsd.config import DATA_FORMATS, DataArgs
 from sqsd.errors import DataError, SqsdError
 from sqsd.formats import (
     PARSERS,
@@ -46,6 +45,7 @@ from sqsd.formats import (
     type_name,
     undetectable,
 )
+from sqsd.options import DATA_FORMATS, DataArgs
 
 __all__ = ["SPLITS", "BadRecord", "LoadedData", "Record", "detect_format", "load_from_config", "load_records",
            "split_of"]

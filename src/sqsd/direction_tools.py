@@ -30,6 +30,7 @@ from sqsd.config import (
     to_dict,
 )
 from sqsd.errors import SqsdError
+from sqsd.options import GenerationArgs
 from sqsd.runs import data_fingerprints, model_fingerprint, prepare_run, write_json_atomic
 
 DATA_FILE = "data.jsonl"
@@ -67,8 +68,8 @@ def directions_data(config: DirectionsDataConfig) -> Path:
         from sqsd.model import load_model
 
         model, tokenizer = load_model(config.model, config.dtype, config.device)
-        answers = generate_records(model, tokenizer, records, max_new_tokens=config.max_new_tokens,
-                                   batch_size=config.batch_size)
+        answers = generate_records(model, tokenizer, records, **{f.name: getattr(config, f.name)
+                                                                 for f in dataclasses.fields(GenerationArgs)})
         judge = KeywordJudge()
         rows = [(r, g.response) for r, g in zip(records, answers) if judge.refusal(g.response) is None]
         provenance.update(answered_by=config.model, model_fingerprint=inputs["model"], judge="keyword",
@@ -101,7 +102,7 @@ def build(config: DirectionsBuildConfig) -> Path:
     from sqsd.train import RUN_FILE, train
 
     out = Path(config.output_dir)
-    train(config)
+    train(config.train_config())
     target = out / f"{config.kind}.safetensors"
     if target.exists():  # written after training; a changed config would have been refused or wiped by train
         print(f"already done: {target}")
