@@ -67,6 +67,9 @@ def test_build_writes_the_adapter_as_direction_and_import_gives_the_same(tmp_pat
     capsys.readouterr()
     build(_build_config(out, model_dir, data, save_at=(2,)))
     assert "already done" in capsys.readouterr().out
+    with pytest.raises(SqsdError, match="built with a different config.*--overwrite"):  # another --step, same run
+        build(_build_config(out, model_dir, data, save_at=(2,), step=2))
+    assert D.load(path).meta["step"] == 3
     early = D.load(build(_build_config(tmp_path / "early", model_dir, data, save_at=(2,), step=2)))
     assert early.meta["step"] == 2
     ckpt = D.lora_factors(load_file(str(tmp_path / "early" / "checkpoint-2" / "adapter_model.safetensors")))

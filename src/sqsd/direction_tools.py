@@ -104,9 +104,14 @@ def build(config: DirectionsBuildConfig) -> Path:
     out = Path(config.output_dir)
     train(config.train_config())
     target = out / f"{config.kind}.safetensors"
-    if target.exists():  # written after training; a changed config would have been refused or wiped by train
-        print(f"already done: {target}")
-        return target
+    if target.exists():  # written after training; a changed training config was refused or wiped by train
+        made = json.loads(target.with_suffix(".json").read_text()).get("train_config")
+        if made == to_dict(config):
+            print(f"already done: {target}")
+            return target
+        if not config.overwrite:  # the same training, another --step (or sidecar): do not replace it silently
+            raise SqsdError(f"{target} was built with a different config (e.g. another --step); pass --overwrite "
+                            "to rebuild it from this run's checkpoints")
     run = json.loads((out / RUN_FILE).read_text())
     source = out if config.step is None else out / f"checkpoint-{config.step}"
     direction = D.from_adapter(source, config.kind)
