@@ -110,3 +110,18 @@ def test_layers_the_model_lacks_are_refused(capsys, tmp_path, model_and_data):
     assert "--layers 7: LlamaForCausalLM has 2 layers (0..1)" in err
     err = _error(capsys, ["train", *model_and_data, "--output-dir", str(tmp_path / "o2"), "--layers", "-1"])
     assert "--layers indices must be >= 0" in err
+
+
+def test_a_refused_target_leaves_no_run_folder_behind(capsys, tmp_path, model_and_data):
+    """The check runs on the model's skeleton before the run folder is made, so the corrected rerun is fresh."""
+    out = tmp_path / "o"
+    _error(capsys, ["train", *model_and_data, "--output-dir", str(out), "--layers", "9"])
+    assert not out.exists()
+    assert main(["train", *model_and_data, "--output-dir", str(out), "--layers", "1"]) == 0
+
+
+def test_align_refuses_a_target_before_making_anything(capsys, tmp_path, model_and_data):
+    out = tmp_path / "a"
+    err = _error(capsys, ["align", "--model", model_and_data[1], "--method", "lora", "--target-modules", "wq",
+                          "--output-dir", str(out)])
+    assert "--target-modules wq: no such module" in err and not out.exists()

@@ -81,11 +81,13 @@ def build_records(config: AlignConfig, model=None, tokenizer=None) -> list[Recor
 
 def align(config: AlignConfig) -> Path:
     """Build the recipe's data, fine-tune, and write the aligned model folder; returns its path."""
-    from sqsd.model import load_model
+    from sqsd.model import load_model, model_skeleton
     from sqsd.runs import model_fingerprint
-    from sqsd.train import train_model
+    from sqsd.train import check_lora_targets, train_model
 
     out = Path(config.output_dir)
+    if config.method == "lora":  # refuse what the model cannot take before the folder and the data are made
+        check_lora_targets(model_skeleton(config.model), config.target_modules, config.layers)
     prepare_run(out, config, {"model": model_fingerprint(config.model)}, config.overwrite)
     if (out / "recipe.json").exists():  # written last, so its presence means the model is complete
         print(f"already done: aligned model in {out / MODEL_DIR}")

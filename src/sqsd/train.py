@@ -278,12 +278,14 @@ def train(config: TrainConfig) -> Path:
     so that a refusal stops every rank instead of leaving the others waiting.
     """
     from sqsd.data import load_from_config
-    from sqsd.model import load_model
+    from sqsd.model import load_model, model_skeleton
 
     start = time.perf_counter()
     state = PartialState(cpu=config.device == "cpu")
     output_dir = Path(config.output_dir)
     loaded = load_from_config(config)
+    if config.method == "lora":  # refuse what the model cannot take before the run folder is made
+        check_lora_targets(model_skeleton(config.model), config.target_modules, config.layers)
     decision: Any = None
     if state.is_main_process:
         try:
