@@ -7,6 +7,7 @@ import pytest
 from sqsd import config
 from sqsd.cli import COMMANDS, build_parser, main
 from sqsd.errors import SqsdError
+from tiny import tiny_model_folder
 
 
 @pytest.mark.parametrize("key", list(COMMANDS))
@@ -81,15 +82,10 @@ def test_an_unavailable_device_is_refused(capsys, monkeypatch):
 
 @pytest.fixture
 def model_and_data(tmp_path):
-    from tiny import tiny_model, tiny_tokenizer
-
-    tok = tiny_tokenizer()
-    model_dir = tmp_path / "model"
-    tiny_model(tok).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    """`--model FOLDER DATA --max-steps 1` for a tiny model folder and a one-record dataset."""
     data = tmp_path / "data.jsonl"
     data.write_text('{"instruction": "Question?", "output": "Answer."}\n')
-    return ["--model", str(model_dir), str(data), "--max-steps", "1"]
+    return ["--model", str(tiny_model_folder(tmp_path / "model")), str(data), "--max-steps", "1"]
 
 
 @pytest.mark.parametrize("command", [["train"], ["directions", "build", "--kind", "danger"]])
