@@ -24,13 +24,13 @@ COMMANDS: dict[tuple[str, ...], tuple[type, str, str]] = {
     ("assets", "fetch"): (config.AssetsFetchConfig, "sqsd.assets:fetch_cli", "download the pinned offline assets"),
     ("assets", "list"): (config.AssetsListConfig, "sqsd.assets:list_cli", "show cached assets and named datasets"),
     ("data", "inspect"): (config.DataInspectConfig, "sqsd.inspect:inspect_data", "format, counts, bad records, "
-                                                                             "token lengths of a dataset"),
+                                                                                  "token lengths of a dataset"),
     ("model", "info"): (config.ModelInfoConfig, "sqsd.model:info_cli", "parameters, layers, template, a reply"),
     ("train",): (config.TrainConfig, "sqsd.train:train", "supervised fine-tuning (LoRA or full) on the HF Trainer"),
     ("generate",): (config.GenerateConfig, "sqsd.generate:generate", "batched generation over prompts, resumable"),
     ("align",): (config.AlignConfig, "sqsd.align:align", "make an unaligned chat model refuse harmful requests"),
     ("demo",): (config.DemoConfig, "sqsd.pipeline:demo", "the whole offline pipeline: align, directions, anchor, "
-                                                     "score dolly-sqsd, riskiest/safest samples and windows"),
+                                                          "score dolly-sqsd, riskiest/safest samples and windows"),
     ("directions", "data"): (config.DirectionsDataConfig, "sqsd.direction_tools:directions_data",
                              "offline recipe data for a danger or safety direction"),
     ("directions", "build"): (config.DirectionsBuildConfig, "sqsd.direction_tools:build",
@@ -39,12 +39,12 @@ COMMANDS: dict[tuple[str, ...], tuple[type, str, str]] = {
                                "a direction from a PEFT adapter or a dense difference of two models"),
     ("directions", "info"): (config.DirectionsInfoConfig, "sqsd.direction_tools:info",
                              "norms per layer/module and cosines between directions"),
-    ("evaluate",): (config.EvaluateConfig, "sqsd.evaluate:evaluate_cli", "ASR with CIs on harmful prompts, over-refusal "
-                                                                     "on benign ones"),
-    ("score",): (config.ScoreConfig, "sqsd.score:score", "per-sample SQSD risk scores: danger and safety projections, "
-                                                  "resumable, distributed"),
-    ("filter",): (config.FilterConfig, "sqsd.filter:filter_scores", "subsets of a scored dataset in its own format: drop "
-                                                             "the riskiest, keep the safest, or windows S1..SK"),
+    ("evaluate",): (config.EvaluateConfig, "sqsd.evaluate:evaluate_cli",
+                    "ASR with CIs on harmful prompts, over-refusal on benign ones"),
+    ("score",): (config.ScoreConfig, "sqsd.score:score",
+                 "per-sample SQSD risk scores: danger and safety projections, resumable, distributed"),
+    ("filter",): (config.FilterConfig, "sqsd.filter:filter_scores", "subsets of a scored dataset in its own "
+                  "format: drop the riskiest, keep the safest, or windows S1..SK"),
     ("steer",): (config.SteerConfig, "sqsd.steer:steer_cli", "ASR of base + alpha * direction for a grid of alpha"),
     ("report", "trajectory"): (config.ReportTrajectoryConfig, "sqsd.report:report_trajectory_cli",
                                "plot a trajectory.jsonl (drift along directions, ASR at steps)"),
