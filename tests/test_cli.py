@@ -4,8 +4,10 @@ from typing import Literal
 
 import pytest
 
-from sqsd import config as C
+from sqsd import config
 from sqsd.cli import COMMANDS, build_parser, main
+from sqsd.errors import SqsdError
+from tiny import tiny_model_folder
 
 
 @pytest.mark.parametrize("key", list(COMMANDS))
@@ -42,5 +44,80 @@ def test_invalid_value_is_a_clean_error(capsys):
 
 
 def test_config_validation_runs_on_construction():
-    with pytest.raises(C.SqsdError, match="--n > 1 needs --do-sample"):
-        C.GenerateConfig(data="p.txt", output="o.jsonl", n=3)
+    with pytest.raises(SqsdError, match="--n > 1 needs --do-sample"):
+        config.GenerateConfig(data="p.txt", output="o.jsonl", n=3)
+
+
+# Flags a library would reject with a traceback are refused by us first, naming the flag (exit 2).
+
+def _error(capsys, argv):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def test_logging_steps_zero_is_refused(capsys):
+    err = _error(capsys, ["train", "d.jsonl", "--output-dir", "o", "--logging-steps", "0"])
+    assert "--logging-steps must be positive" in err
+
+
+@pytest.mark.parametrize("device", ["banana", "cuda:x", ""])
+def test_a_device_that_is_not_a_device_name_is_refused(capsys, device):
+    err = _error(capsys, ["evaluate", "--output-dir", "o", "--device", device])
+    assert f"--device {device!r} is not a device name" in err
+
+
+def test_an_unavailable_device_is_refused(capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    err = _error(capsys, ["model", "info", "smollm2", "--device", "cuda"])
+    assert "--device cuda: not available on this machine (0 cuda device(s) visible)" in err
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    err = _error(capsys, ["train", "d.jsonl", "--output-dir", "o", "--device", "cuda:1"])
+    assert "--device cuda:1: not available" in err
+    assert config.ModelInfoConfig(model="m", device="cuda:0").device == "cuda:0"
+
+
+@pytest.fixture
+def model_and_data(tmp_path):
+    """`--model FOLDER DATA --max-steps 1` for a tiny model folder and a one-record dataset."""
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"instruction": "Question?", "output": "Answer."}\n')
+    return ["--model", str(tiny_model_folder(tmp_path / "model")), str(data), "--max-steps", "1"]
+
+
+@pytest.mark.parametrize("command", [["train"], ["directions", "build", "--kind", "danger"]])
+def test_target_modules_the_model_lacks_are_refused(capsys, tmp_path, model_and_data, command):
+    err = _error(capsys, [*command, *model_and_data, "--output-dir", str(tmp_path / "o"),
+                          "--target-modules", "q_proj", "qkv_proj"])
+    assert "--target-modules qkv_proj: no such module" in err and "q_proj, up_proj" in err
+
+
+def test_target_modules_without_a_weight_matrix_are_refused(capsys, tmp_path, model_and_data):
+    err = _error(capsys, ["train", *model_and_data, "--output-dir", str(tmp_path / "o"),
+                          "--target-modules", "mlp"])
+    assert "--target-modules mlp: no such module with a weight matrix" in err
+
+
+def test_layers_the_model_lacks_are_refused(capsys, tmp_path, model_and_data):
+    err = _error(capsys, ["train", *model_and_data, "--output-dir", str(tmp_path / "o"), "--layers", "1", "7"])
+    assert "--layers 7: LlamaForCausalLM has 2 layers (0..1)" in err
+    err = _error(capsys, ["train", *model_and_data, "--output-dir", str(tmp_path / "o2"), "--layers", "-1"])
+    assert "--layers indices must be >= 0" in err
+
+
+def test_a_refused_target_leaves_no_run_folder_behind(capsys, tmp_path, model_and_data):
+    """The check runs on the model's skeleton before the run folder is made, so the corrected rerun is fresh."""
+    out = tmp_path / "o"
+    _error(capsys, ["train", *model_and_data, "--output-dir", str(out), "--layers", "9"])
+    assert not out.exists()
+    assert main(["train", *model_and_data, "--output-dir", str(out), "--layers", "1"]) == 0
+
+
+def test_align_refuses_a_target_before_making_anything(capsys, tmp_path, model_and_data):
+    out = tmp_path / "a"
+    err = _error(capsys, ["align", "--model", model_and_data[1], "--method", "lora", "--target-modules", "wq",
+                          "--output-dir", str(out)])
+    assert "--target-modules wq: no such module" in err and not out.exists()

@@ -67,6 +67,9 @@ def test_build_writes_the_adapter_as_direction_and_import_gives_the_same(tmp_pat
     capsys.readouterr()
     build(_build_config(out, model_dir, data, save_at=(2,)))
     assert "already done" in capsys.readouterr().out
+    with pytest.raises(SqsdError, match="built with a different config.*--overwrite"):  # another --step, same run
+        build(_build_config(out, model_dir, data, save_at=(2,), step=2))
+    assert D.load(path).meta["step"] == 3
     early = D.load(build(_build_config(tmp_path / "early", model_dir, data, save_at=(2,), step=2)))
     assert early.meta["step"] == 2
     ckpt = D.lora_factors(load_file(str(tmp_path / "early" / "checkpoint-2" / "adapter_model.safetensors")))
@@ -75,9 +78,9 @@ def test_build_writes_the_adapter_as_direction_and_import_gives_the_same(tmp_pat
     assert not torch.allclose(early.modules[name].dense(), direction.modules[name].dense())
 
 
-def test_build_config_rejects_full_and_an_unsaved_step(folders, tmp_path):
+def test_build_config_has_no_method_and_rejects_an_unsaved_step(folders, tmp_path):
     model_dir, data = folders
-    with pytest.raises(SqsdError, match="--method lora"):
+    with pytest.raises(TypeError, match="method"):  # a direction is always built from a LoRA adapter
         _build_config(tmp_path / "x", model_dir, data, method="full")
     with pytest.raises(SqsdError, match="never saved"):
         _build_config(tmp_path / "x", model_dir, data, step=2)

@@ -161,3 +161,9 @@ def test_the_gguf_file_and_the_float32_copy_are_the_same_model(smollm2):
     assert direct_tokenizer("The capital of France is")["input_ids"] == ids[0].tolist()
     with torch.no_grad():
         assert torch.equal(cached(ids).logits, direct(ids).logits)
+
+
+def test_skeleton_has_the_models_modules_and_no_weights(saved, model):
+    skeleton = sqsd_model.model_skeleton(str(saved))
+    assert [n for n, _ in skeleton.named_modules()] == [n for n, _ in model.named_modules()]
+    assert {p.device.type for p in skeleton.parameters()} == {"meta"}

@@ -3,6 +3,8 @@ a 2-layer random Llama, both built in code (no network, milliseconds to build)."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -51,3 +53,11 @@ def tiny_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, hidden: int = 
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                          bos_token_id=tokenizer.bos_token_id)
     return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def tiny_model_folder(folder: Path) -> Path:
+    """The tiny model and its tokenizer saved as a HF model folder (the `--model <folder>` path)."""
+    tokenizer = tiny_tokenizer()
+    tiny_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -19,6 +19,7 @@ from pathlib import Path
 from sqsd.config import AlignConfig, TrainConfig, to_dict
 from sqsd.data import Record, load_records
 from sqsd.judges import refusal_for
+from sqsd.options import LoraArgs, MethodArgs, ModelArgs, OptimArgs, RenderArgs
 from sqsd.runs import prepare_run, write_json_atomic
 
 MODEL_DIR = "model"
@@ -57,11 +58,13 @@ def build_records(config: AlignConfig, model=None, tokenizer=None) -> list[Recor
 
 def align(config: AlignConfig) -> Path:
     """Build the recipe's data, fine-tune, and write the aligned model folder; returns its path."""
-    from sqsd.model import load_model
+    from sqsd.model import load_model, model_skeleton
     from sqsd.runs import model_fingerprint
-    from sqsd.train import train_model
+    from sqsd.train import check_lora_targets, train_model
 
     out = Path(config.output_dir)
+    if config.method == "lora":  # refuse what the model cannot take before the folder and the data are made
+        check_lora_targets(model_skeleton(config.model), config.target_modules, config.layers)
     prepare_run(out, config, {"model": model_fingerprint(config.model)}, config.overwrite)
     if (out / "recipe.json").exists():  # written last, so its presence means the model is complete
         print(f"already done: aligned model in {out / MODEL_DIR}")
@@ -76,12 +79,9 @@ def align(config: AlignConfig) -> Path:
     print(f"alignment data: {n_refuse} harmful -> refusal, {len(records) - n_refuse} benign -> answer")
     # A full fine-tune writes its model straight into model/; a LoRA trains into train/ and is merged below.
     train_dir = out / (MODEL_DIR if config.method == "full" else "train")
-    train_config = TrainConfig(
-        data=str(out / "align_data.jsonl"), output_dir=str(train_dir), model=config.model,
-        method=config.method, lora_r=config.lora_r, lora_alpha=config.lora_alpha,
-        learning_rate=config.learning_rate, epochs=config.epochs, batch_size=config.batch_size,
-        seed=config.seed, max_length=config.max_length, system_prompt=config.system_prompt,
-        logging_steps=5)
+    shared = (ModelArgs, RenderArgs, MethodArgs, LoraArgs, OptimArgs)  # the training flags align shares with train
+    train_config = TrainConfig(data=str(out / "align_data.jsonl"), output_dir=str(train_dir),
+                               **{f.name: getattr(config, f.name) for g in shared for f in dataclasses.fields(g)})
     result = train_model(model, tokenizer, records, train_config, train_dir)
     if config.method == "lora":
         result.model.merge_and_unload().save_pretrained(out / MODEL_DIR)

@@ -10,44 +10,45 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import inspect
 import sys
 import types
 import typing
 from typing import Any, Literal
 
-from sqsd import config as C
+from sqsd import config
 from sqsd.errors import SqsdError
 
 # (command,) or (group, command) -> (config class, "module:function", one-line description)
 COMMANDS: dict[tuple[str, ...], tuple[type, str, str]] = {
-    ("assets", "fetch"): (C.AssetsFetchConfig, "sqsd.assets:fetch_cli", "download the pinned offline assets"),
-    ("assets", "list"): (C.AssetsListConfig, "sqsd.assets:list_cli", "show cached assets and named datasets"),
-    ("data", "inspect"): (C.DataInspectConfig, "sqsd.inspect:inspect_data", "format, counts, bad records, "
-                                                                             "token lengths of a dataset"),
-    ("model", "info"): (C.ModelInfoConfig, "sqsd.model:info_cli", "parameters, layers, template, a reply"),
-    ("train",): (C.TrainConfig, "sqsd.train:train", "supervised fine-tuning (LoRA or full) on the HF Trainer"),
-    ("generate",): (C.GenerateConfig, "sqsd.generate:generate", "batched generation over prompts, resumable"),
-    ("align",): (C.AlignConfig, "sqsd.align:align", "make an unaligned chat model refuse harmful requests"),
-    ("demo",): (C.DemoConfig, "sqsd.pipeline:demo", "the whole offline pipeline: align, directions, anchor, "
-                                                     "score dolly-sqsd, riskiest/safest samples and windows"),
-    ("directions", "data"): (C.DirectionsDataConfig, "sqsd.direction_tools:directions_data",
+    ("assets", "fetch"): (config.AssetsFetchConfig, "sqsd.assets:fetch_cli", "download the pinned offline assets"),
+    ("assets", "list"): (config.AssetsListConfig, "sqsd.assets:list_cli", "show cached assets and named datasets"),
+    ("data", "inspect"): (config.DataInspectConfig, "sqsd.inspect:inspect_data", "format, counts, bad records, "
+                                                                                  "token lengths of a dataset"),
+    ("model", "info"): (config.ModelInfoConfig, "sqsd.model:info_cli", "parameters, layers, template, a reply"),
+    ("train",): (config.TrainConfig, "sqsd.train:train", "supervised fine-tuning (LoRA or full) on the HF Trainer"),
+    ("generate",): (config.GenerateConfig, "sqsd.generate:generate", "batched generation over prompts, resumable"),
+    ("align",): (config.AlignConfig, "sqsd.align:align", "make an unaligned chat model refuse harmful requests"),
+    ("demo",): (config.DemoConfig, "sqsd.pipeline:demo", "the whole offline pipeline: align, directions, anchor, "
+                                                          "score dolly-sqsd, riskiest/safest samples and windows"),
+    ("directions", "data"): (config.DirectionsDataConfig, "sqsd.direction_tools:directions_data",
                              "offline recipe data for a danger or safety direction"),
-    ("directions", "build"): (C.DirectionsBuildConfig, "sqsd.direction_tools:build",
+    ("directions", "build"): (config.DirectionsBuildConfig, "sqsd.direction_tools:build",
                               "train a LoRA adapter and write it as a direction file"),
-    ("directions", "import"): (C.DirectionsImportConfig, "sqsd.direction_tools:import_direction",
+    ("directions", "import"): (config.DirectionsImportConfig, "sqsd.direction_tools:import_direction",
                                "a direction from a PEFT adapter or a dense difference of two models"),
-    ("directions", "info"): (C.DirectionsInfoConfig, "sqsd.direction_tools:info",
+    ("directions", "info"): (config.DirectionsInfoConfig, "sqsd.direction_tools:info",
                              "norms per layer/module and cosines between directions"),
-    ("evaluate",): (C.EvaluateConfig, "sqsd.evaluate:evaluate_cli", "ASR with CIs on harmful prompts, over-refusal "
-                                                                     "on benign ones"),
-    ("score",): (C.ScoreConfig, "sqsd.score:score", "per-sample SQSD risk scores: danger and safety projections, "
-                                                  "resumable, distributed"),
-    ("filter",): (C.FilterConfig, "sqsd.filter:filter_scores", "subsets of a scored dataset in its own format: drop "
-                                                             "the riskiest, keep the safest, or windows S1..SK"),
-    ("steer",): (C.SteerConfig, "sqsd.steer:steer_cli", "ASR of base + alpha * direction for a grid of alpha"),
-    ("report", "trajectory"): (C.ReportTrajectoryConfig, "sqsd.report:report_trajectory_cli",
+    ("evaluate",): (config.EvaluateConfig, "sqsd.evaluate:evaluate_cli",
+                    "ASR with CIs on harmful prompts, over-refusal on benign ones"),
+    ("score",): (config.ScoreConfig, "sqsd.score:score",
+                 "per-sample SQSD risk scores: danger and safety projections, resumable, distributed"),
+    ("filter",): (config.FilterConfig, "sqsd.filter:filter_scores", "subsets of a scored dataset in its own "
+                  "format: drop the riskiest, keep the safest, or windows S1..SK"),
+    ("steer",): (config.SteerConfig, "sqsd.steer:steer_cli", "ASR of base + alpha * direction for a grid of alpha"),
+    ("report", "trajectory"): (config.ReportTrajectoryConfig, "sqsd.report:report_trajectory_cli",
                                "plot a trajectory.jsonl (drift along directions, ASR at steps)"),
-    ("report", "steering"): (C.ReportSteeringConfig, "sqsd.report:report_steering_cli",
+    ("report", "steering"): (config.ReportSteeringConfig, "sqsd.report:report_steering_cli",
                              "plot a steering.jsonl (ASR vs alpha per direction)"),
 }
 
@@ -60,9 +61,16 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, hint: Any) -> None:
+def _declaring_class(cls: type, name: str) -> type:
+    """The class that declares field `name` of `cls` with its type and help (`options.arg`); a command that
+    re-sets only a group's default (a plain `name: type = value`) keeps that group's help."""
+    return next(base for base in cls.__mro__
+                if name in inspect.get_annotations(base) and base.__dataclass_fields__[name].metadata)
+
+
+def _add_field(parser: Any, f: dataclasses.Field, hint: Any, metadata: Any) -> None:
     """Add one dataclass field as an option (or positional), derived from its type hint and default."""
-    kwargs: dict[str, Any] = {"help": f.metadata.get("help", "")}
+    kwargs: dict[str, Any] = {"help": metadata.get("help", "")}
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):  # X | None -> X
         hint = next(a for a in args if a is not type(None))
@@ -83,7 +91,7 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, hint: Any)
         if kwargs["help"] and default not in (None, (), []):
             kwargs["help"] += f" (default: {default})"
     kwargs["help"] = kwargs["help"].replace("%", "%%")  # argparse %-formats help ("95% CI" crashed --help)
-    if f.metadata.get("positional"):
+    if metadata.get("positional"):
         if not required:
             kwargs["nargs"] = "?"
         parser.add_argument(f.name, **kwargs)
@@ -92,10 +100,12 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, hint: Any)
 
 
 def _add_command(parent: Any, name: str, cls: type, description: str) -> None:
+    """One subcommand; the command's own options come first, then those of its groups in inheritance order."""
     sub = parent.add_parser(name, help=description, description=cls.__doc__)
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        _add_field(sub, f, hints[f.name])
+    declared = {f.name: _declaring_class(cls, f.name) for f in dataclasses.fields(cls)}
+    for f in sorted(dataclasses.fields(cls), key=lambda f: cls.__mro__.index(declared[f.name])):
+        _add_field(sub, f, hints[f.name], declared[f.name].__dataclass_fields__[f.name].metadata)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             args[name] = tuple(value)
     module, function = target.split(":")
     try:
-        config = cls(**args)
-        result = getattr(importlib.import_module(module), function)(config)
+        result = getattr(importlib.import_module(module), function)(cls(**args))
     except SqsdError as e:
         print(f"sqsd: error: {e}", file=sys.stderr)
         return 2

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqsd.config import DATA_FORMATS, DataArgs
 from sqsd.errors import DataError, SqsdError
 from sqsd.formats import (
     PARSERS,
@@ -43,6 +42,7 @@ from sqsd.formats import (
     type_name,
     undetectable,
 )
+from sqsd.options import DATA_FORMATS, DataArgs
 from sqsd.readers import READERS, json_value
 
 __all__ = ["SPLITS", "BadRecord", "LoadedData", "Record", "detect_format", "load_from_config", "load_records",

@@ -31,6 +31,7 @@ from sqsd.config import (
     to_dict,
 )
 from sqsd.errors import SqsdError
+from sqsd.options import GenerationArgs
 from sqsd.runs import data_fingerprints, model_fingerprint, prepare_run, write_json_atomic
 
 DATA_FILE = "data.jsonl"
@@ -68,8 +69,8 @@ def directions_data(config: DirectionsDataConfig) -> Path:
         from sqsd.model import load_model
 
         model, tokenizer = load_model(config.model, config.dtype, config.device)
-        answers = generate_records(model, tokenizer, records, max_new_tokens=config.max_new_tokens,
-                                   batch_size=config.batch_size)
+        answers = generate_records(model, tokenizer, records, **{f.name: getattr(config, f.name)
+                                                                 for f in dataclasses.fields(GenerationArgs)})
         judge = KeywordJudge()
         rows = [(r, g.response) for r, g in zip(records, answers) if judge.refusal(g.response) is None]
         provenance.update(answered_by=config.model, model_fingerprint=inputs["model"], judge="keyword",
@@ -102,11 +103,16 @@ def build(config: DirectionsBuildConfig) -> Path:
     from sqsd.train import RUN_FILE, train
 
     out = Path(config.output_dir)
-    train(config)
+    train(config.train_config())
     target = out / f"{config.kind}.safetensors"
-    if target.exists():  # written after training; a changed config would have been refused or wiped by train
-        print(f"already done: {target}")
-        return target
+    if target.exists():  # written after training; a changed training config was refused or wiped by train
+        made = json.loads(target.with_suffix(".json").read_text()).get("train_config")
+        if made == to_dict(config):
+            print(f"already done: {target}")
+            return target
+        if not config.overwrite:  # the same training, another --step (or sidecar): do not replace it silently
+            raise SqsdError(f"{target} was built with a different config (e.g. another --step); pass --overwrite "
+                            "to rebuild it from this run's checkpoints")
     run = json.loads((out / RUN_FILE).read_text())
     source = out if config.step is None else out / f"checkpoint-{config.step}"
     direction = directions.from_adapter(source, config.kind)

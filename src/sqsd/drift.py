@@ -41,6 +41,7 @@ from transformers import TrainerCallback
 
 from sqsd.directions import Direction
 from sqsd.errors import SqsdError
+from sqsd.options import EVAL_MAX_NEW_TOKENS
 from sqsd.scoring import METRICS, Projections
 
 TRAJECTORY_FILE = "trajectory.jsonl"
@@ -129,7 +130,7 @@ class DriftTracker(TrainerCallback):
 
     def __init__(self, directions: Mapping[str, Direction], output_dir: str | Path, *,
                  eval_steps: Sequence[int] = (), eval_records: Sequence[Any] = (), tokenizer: Any = None,
-                 max_new_tokens: int = 48, batch_size: int = 8, system_prompt: str | None = None,
+                 max_new_tokens: int = EVAL_MAX_NEW_TOKENS, batch_size: int = 8, system_prompt: str | None = None,
                  max_prompt_length: int = 1024, n_bootstrap: int = 1000, seed: int = 0):
         if not directions:
             raise SqsdError("DriftTracker needs at least one direction")

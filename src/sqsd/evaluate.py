@@ -23,11 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from sqsd.config import EvaluateConfig, GenerateConfig, GenerationArgs, ModelArgs, to_dict
+from sqsd.config import EvaluateConfig, GenerateConfig, to_dict
 from sqsd.data import load_records
 from sqsd.errors import SqsdError
 from sqsd.generate import generate_file
 from sqsd.judges import HarmBenchJudge, KeywordJudge, LlamaGuardJudge
+from sqsd.options import AdapterArgs, GenerationArgs, ModelArgs
 from sqsd.readers import read_rows
 from sqsd.runs import fingerprint, write_json_atomic
 
@@ -147,8 +148,8 @@ def evaluate(config: EvaluateConfig, get_model: Callable[[], tuple[Any, Any]] | 
 
     inputs = {"model": model_fingerprint(config.model),
               "adapter": fingerprint(config.adapter) if config.adapter else None}
-    shared = {f.name: getattr(config, f.name)
-              for f in (*dataclasses.fields(ModelArgs), *dataclasses.fields(GenerationArgs))}
+    shared = {f.name: getattr(config, f.name) for group in (ModelArgs, AdapterArgs, GenerationArgs)
+              for f in dataclasses.fields(group)}
     summary: dict[str, Any] = {"model": config.model, "adapter": config.adapter, "inputs": inputs}
     files = {}
     for name, data in (("harmful", config.harmful), ("benign", config.benign)):

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import transformers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
@@ -56,6 +57,15 @@ def load_model(
         kwargs = _gguf_kwargs(kwargs["gguf_file"])
     model = _from_pretrained(AutoModelForCausalLM, name_or_path, source, kwargs, dtype=DTYPES[dtype])
     return model.to(device).eval(), load_tokenizer(name_or_path)
+
+
+def model_skeleton(name_or_path: str) -> PreTrainedModel:
+    """The model's modules without its weights (on the meta device), from its config alone: enough to check
+    module names and layer counts against flags before a run folder is made or any weight is read."""
+    source, kwargs = (str(_smollm2_folder()), {}) if name_or_path == SMOLLM2 else _resolve(name_or_path)
+    config = _from_pretrained(AutoConfig, name_or_path, source, kwargs)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
 
 
 def describe_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:

@@ -22,6 +22,7 @@ bit for bit.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ import torch
 from sqsd.config import EvaluateConfig, SteerConfig
 from sqsd.directions import Direction, check, load
 from sqsd.errors import SqsdError
+from sqsd.options import EvalArgs, ModelArgs, OverwriteArgs
 from sqsd.runs import fingerprint, write_json_atomic
 
 STEER_FILE = "steer.json"
@@ -162,13 +164,9 @@ def steer(config: SteerConfig) -> list[dict[str, Any]]:
 
 def _evaluate_steered(config: SteerConfig, folder: Path, base: _Base, direction: Direction, coefficient: float,
                       evaluate: Any) -> dict[str, Any]:
-    eval_config = EvaluateConfig(
-        model=config.model, dtype=config.dtype, device=config.device, output_dir=str(folder),
-        harmful=config.harmful, benign=config.benign or None, limit=config.limit,
-        max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, system_prompt=config.system_prompt,
-        max_prompt_length=config.max_prompt_length, judge=config.judge, judge_model=config.judge_model,
-        judge_batch_size=config.judge_batch_size, n_bootstrap=config.n_bootstrap, seed=config.seed,
-        overwrite=config.overwrite)
+    shared = {f.name: getattr(config, f.name) for group in (ModelArgs, EvalArgs, OverwriteArgs)
+              for f in dataclasses.fields(group)}
+    eval_config = EvaluateConfig(output_dir=str(folder), **{**shared, "benign": config.benign or None})
     with _Steering(base, direction, coefficient) as get_model:
         return evaluate(eval_config, get_model)
 

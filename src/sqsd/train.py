@@ -54,6 +54,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from sqsd.config import TrainConfig
 from sqsd.data import Record
 from sqsd.errors import SqsdError
+from sqsd.options import LoraArgs
 from sqsd.render import Collator, encode_records
 from sqsd.runs import (
     RUN_FILE,
@@ -179,9 +180,30 @@ def training_arguments(config: TrainConfig, output_dir: Path) -> TrainingArgumen
     )
 
 
-def lora_config(model: PreTrainedModel, config: TrainConfig, init_lora_weights: bool | str = True) -> LoraConfig:
-    """The LoRA setup of the config. peft refuses `layers_to_transform` with the string "all-linear", so with
-    `layers` the linear module names are listed here, the LM head left out as peft's all-linear does."""
+def check_lora_targets(model: PreTrainedModel, target_modules: Sequence[str], layers: Sequence[int]) -> None:
+    """Refuse `--target-modules` names and `--layers` indices the model does not have, naming the flag (peft's
+    own errors name neither the flag nor what would be valid). A name matches a module as peft matches it: the
+    full module name or its dotted suffix, on a module with a weight matrix."""
+    weighted = [name for name, m in model.named_modules()
+                if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() >= 2]
+    missing = [t for t in target_modules
+               if t != "all-linear" and not any(n == t or n.endswith("." + t) for n in weighted)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise SqsdError(f"--target-modules {' '.join(missing)}: no such module with a weight matrix in "
+                        f"{type(model).__name__} (its linear modules: {', '.join(linear)})")
+    n_layers = model.config.get_text_config().num_hidden_layers
+    beyond = [str(layer) for layer in layers if layer >= n_layers]
+    if beyond:
+        raise SqsdError(f"--layers {' '.join(beyond)}: {type(model).__name__} has {n_layers} layers "
+                        f"(0..{n_layers - 1})")
+
+
+def lora_config(model: PreTrainedModel, config: LoraArgs, init_lora_weights: bool | str = True) -> LoraConfig:
+    """The LoRA setup of the config, checked against the model. peft refuses `layers_to_transform` with the
+    string "all-linear", so with `layers` the linear module names are listed here, the LM head left out as peft's
+    all-linear does."""
+    check_lora_targets(model, config.target_modules, config.layers)
     targets: str | list[str] = list(config.target_modules)
     if targets == ["all-linear"]:
         targets = "all-linear"
@@ -257,12 +279,14 @@ def train(config: TrainConfig) -> Path:
     so that a refusal stops every rank instead of leaving the others waiting.
     """
     from sqsd.data import load_from_config
-    from sqsd.model import load_model
+    from sqsd.model import load_model, model_skeleton
 
     start = time.perf_counter()
     state = PartialState(cpu=config.device == "cpu")
     output_dir = Path(config.output_dir)
     loaded = load_from_config(config)
+    if config.method == "lora":  # refuse what the model cannot take before the run folder is made
+        check_lora_targets(model_skeleton(config.model), config.target_modules, config.layers)
     decision: Any = None
     if state.is_main_process:
         try:
