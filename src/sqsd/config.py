@@ -440,6 +440,9 @@ class ScoreConfig(DataArgs, ModelArgs, RenderArgs):
     safety_scaling: float | None = arg(1.0, help="override the safety anchor's LoRA scaling while scoring (the "
                                                  "paper: 1.0 or 0.8); pass its alpha/r to keep the adapter's own; "
                                                  "ignored without --safety-anchor")
+    allow_zero_anchor: bool = arg(False, help="score at an anchor whose lora_B is zero everywhere (a fresh "
+                                              "adapter: its updates carry no signal, so this is refused unless "
+                                              "given)")
     metric: Literal["cosine-sum", "projection", "cosine"] = arg("cosine-sum", help="cosine-sum (the paper's: "
                                                                 "one cosine per module, summed), projection "
                                                                 "(<update, d>/|d|) or cosine (of the whole "

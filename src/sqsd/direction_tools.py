@@ -4,7 +4,7 @@
   is harmful prompts from the `@directions` split answered by the unaligned SmolLM2 (it complies), keeping
   only answers the keyword judge does not see as refusals; the safety data is the same kind of prompts
   answered with varied refusals.
-- `build`: train a LoRA adapter with `train` and write its B·A as a direction file (DESIGN §2: Directions).
+- `build`: train a LoRA adapter with `train` and write its B·A as a direction file (docs/design.md §2: Directions).
 - `import`: a published PEFT adapter, or a dense weight difference of two model folders.
 - `info`: norms per layer and module type, and cosines between directions (overall and per layer).
 """
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from sqsd import directions as D
+from sqsd import directions
 from sqsd.config import (
     DirectionsBuildConfig,
     DirectionsDataConfig,
@@ -108,11 +108,11 @@ def build(config: DirectionsBuildConfig) -> Path:
         return target
     run = json.loads((out / RUN_FILE).read_text())
     source = out if config.step is None else out / f"checkpoint-{config.step}"
-    direction = D.from_adapter(source, config.kind)
+    direction = directions.from_adapter(source, config.kind)
     meta = {**direction.meta, "base_fingerprint": model_fingerprint(config.model), "base_model": config.model,
             "step": config.step if config.step is not None else run["result"]["steps"],
             "train_config": to_dict(config), "data": data_fingerprints(config.data)}
-    D.save(dataclasses.replace(direction, meta=meta), target)
+    directions.save(dataclasses.replace(direction, meta=meta), target)
     print(f"{config.kind} direction: {target} ({len(direction.modules)} modules, step {meta['step']})")
     return target
 
@@ -136,18 +136,18 @@ def import_direction(config: DirectionsImportConfig) -> Path:
     if target.exists() and not config.overwrite:
         raise SqsdError(f"{target} exists; pass --overwrite to replace it")
     if config.base is None:
-        direction = D.from_adapter(config.source, config.kind)
+        direction = directions.from_adapter(config.source, config.kind)
         if config.layers:
             direction = dataclasses.replace(direction, modules={m: t for m, t in direction.modules.items()
                                                                 if layer_of(m) in config.layers})
     else:
-        direction = D.from_models(config.base, config.source, _selector(config.modules, config.layers),
+        direction = directions.from_models(config.base, config.source, _selector(config.modules, config.layers),
                                   config.kind)
     base = config.model or config.base
     meta = {**direction.meta, "imported_from": config.source}
     if base is not None:
         meta.update(base_fingerprint=model_fingerprint(base), base_model=base)
-    D.save(dataclasses.replace(direction, meta=meta), target)
+    directions.save(dataclasses.replace(direction, meta=meta), target)
     print(f"{config.kind} direction: {target} ({len(direction.modules)} modules, "
           f"norm {float(direction.sq_norm()) ** 0.5:.4g})")
     return target
@@ -163,7 +163,7 @@ def _cos(num: float, a: float, b: float) -> float | None:
 def describe(paths: tuple[str, ...]) -> dict[str, Any]:
     """Norms per layer and module type for each file; for every pair, cosines overall, mean over modules and
     per layer (over the modules both share)."""
-    loaded = {p: D.load(p).to(torch.float64) for p in paths}
+    loaded = {p: directions.load(p).to(torch.float64) for p in paths}
     out: dict[str, Any] = {"directions": {}, "pairs": []}
     for path, d in loaded.items():
         sq = {m: float(t.sq_norm()) for m, t in d.modules.items()}
@@ -182,7 +182,7 @@ def describe(paths: tuple[str, ...]) -> dict[str, Any]:
             shared = sorted(set(a.modules) & set(b.modules))
             if not shared:
                 raise SqsdError(f"{pa} and {pb} share no module; cannot compare them")
-            dot = {m: float(D.inner(a.modules[m], b.modules[m])) for m in shared}
+            dot = {m: float(directions.inner(a.modules[m], b.modules[m])) for m in shared}
             na = {m: float(a.modules[m].sq_norm()) for m in shared}
             nb = {m: float(b.modules[m].sq_norm()) for m in shared}
             per_module = [c for m in shared if (c := _cos(dot[m], na[m], nb[m])) is not None]
