@@ -367,7 +367,7 @@ class DemoConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class SteerConfig(ModelArgs):
-    """`sqsd steer`: the safety of θ₀ + α·s·T for a grid of α, per direction (DESIGN §2 mechanism analysis (b)).
+    """`sqsd steer`: the safety of θ₀ + α·s·T for a grid of α, per direction (docs/design.md §2 mechanism analysis (b)).
 
     s is the direction's own scaling (`meta["scaling"]`, the adapter's alpha/r; 1.0 when absent), so α = 1
     reproduces the adapter the direction came from, merged into the weights, and α = 0 is the base model.

@@ -271,10 +271,14 @@ def check_logits(model: torch.nn.Module) -> None:
     architecture with a logit post-processing step this module does not know): its loss would not be the
     model's. One forward of 8 tokens."""
     base = _base(model)
-    device = next(model.parameters()).device
-    ids = torch.arange(min(8, base.config.vocab_size), device=device)[None]
-    theirs = model(input_ids=ids).logits[0].float()
-    ours = output_logits(base, base.get_decoder()(input_ids=ids).last_hidden_state[0], torch.float32)
+    ids = torch.arange(min(8, base.config.vocab_size), device=next(model.parameters()).device)[None]
+    was_training = model.training
+    model.eval()  # no dropout: both computations must see the same network
+    try:
+        theirs = model(input_ids=ids).logits[0].float()
+        ours = output_logits(base, base.get_decoder()(input_ids=ids).last_hidden_state[0], torch.float32)
+    finally:
+        model.train(was_training)
     if not torch.allclose(ours, theirs, rtol=1e-2, atol=1e-3 * float(theirs.abs().max())):
         raise SqsdError(f"the {base.config.model_type} model post-processes its logits in a way the scorer does "
                         "not reproduce (it knows final_logit_softcapping, logits_scaling and Cohere's "

@@ -76,7 +76,10 @@ def check_files(config: ScoreConfig) -> dict[str, Direction]:
         path, anchor = getattr(config, term), getattr(config, f"{term}_anchor")
         if not path:
             continue
-        direction = loaded[term] = directions.load(path)
+        try:
+            direction = loaded[term] = directions.load(path)
+        except SqsdError as e:
+            raise SqsdError(f"--{term}: {e}") from None
         if "base_fingerprint" not in direction.meta:
             _warn(f"--{term} {path} records no base model (imported without --model?), so it cannot be checked "
                   f"against {config.model}; make sure it was made for this model")
