@@ -321,6 +321,13 @@ def test_zero_and_dora_anchors_are_clear_errors(files, tmp_path, capsys):
     dora = _fresh_anchor(files.model, tmp_path / "dora", use_dora=True, init_lora_weights=False)
     with pytest.raises(SqsdError, match="anchor adapter 'safety' is a DoRA adapter"):
         score.score(config(files, tmp_path / "c", safety_anchor=dora))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text((tmp_path / "zero" / "adapter_config.json").read_text())
+    (broken / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(SqsdError, match="--danger-anchor: .*broken/adapter_model.safetensors: Error while "
+                                        "deserializing header"):
+        score.score(config(files, tmp_path / "d", danger_anchor=str(broken)))
 
 
 def test_warnings_for_a_safety_anchor_that_is_not_the_directions_source_and_an_unfingerprinted_direction(

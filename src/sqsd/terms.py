@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from sqsd import directions
@@ -55,7 +56,10 @@ def _anchor_factors(anchor: str, flag: str) -> dict[str, tuple[torch.Tensor, tor
     if not (folder / "adapter_config.json").is_file() or not (folder / "adapter_model.safetensors").is_file():
         raise SqsdError(f"{flag}: {anchor} is not a PEFT adapter folder (no adapter_config.json and "
                         "adapter_model.safetensors)")
-    factors = directions.lora_factors(load_file(str(folder / "adapter_model.safetensors")))
+    try:
+        factors = directions.lora_factors(load_file(str(folder / "adapter_model.safetensors")))
+    except (SafetensorError, SqsdError) as e:
+        raise SqsdError(f"{flag}: {folder / 'adapter_model.safetensors'}: {e}") from None
     if not factors:
         raise SqsdError(f"{flag}: {folder / 'adapter_model.safetensors'} holds no LoRA weights")
     return factors
