@@ -26,7 +26,7 @@ from sqsd.model import load_model
 from sqsd.projection import Projections
 from sqsd.reference import reference_scores
 from sqsd.render import encode_record
-from sqsd.terms import Term, load_terms
+from sqsd.terms import Term, check_files, load_terms
 from tiny import tiny_model, tiny_tokenizer
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -347,6 +347,12 @@ def test_warnings_for_a_safety_anchor_that_is_not_the_directions_source_and_an_u
             f"from ({files.safety_anchor}, step 100); the paper takes both at the same checkpoint") in err
     assert f"warning: --danger {files.danger} records no base model (imported without --model?)" in err
     assert "--safety " not in err  # the safety direction records its base model
+    # a file without the fingerprint is compared by its adapter folder; a dense direction has no adapter source
+    for source, warned in ((files.safety_anchor, False), (files.danger_anchor, True), ("tuned - base", False)):
+        meta = {k: v for k, v in built.meta.items() if k != "source_fingerprint"} | {"source": str(source)}
+        directions.save(directions.Direction(built.modules, "safety", meta), tmp_path / "old.safetensors")
+        check_files(config(files, tmp_path / "x", safety=str(tmp_path / "old.safetensors")))
+        assert ("is not the adapter the safety direction was built from" in capsys.readouterr().err) == warned
 
 
 def test_an_anchor_for_another_model_size_is_a_clear_error(files, tmp_path):

@@ -65,11 +65,13 @@ def _anchor_factors(anchor: str, flag: str) -> dict[str, tuple[torch.Tensor, tor
     return factors
 
 
-def _same_adapter(direction: Direction, anchor: str) -> bool:
-    """Whether `anchor` is the adapter `direction` was built from (by its weights' fingerprint when recorded)."""
+def _from_another_adapter(direction: Direction, anchor: str) -> bool:
+    """Whether `direction` was built from a PEFT adapter other than `anchor` (compared by the fingerprint of
+    its weights; files written before fingerprints were recorded, by the adapter folder)."""
     if "source_fingerprint" in direction.meta:
-        return direction.meta["source_fingerprint"] == directions.adapter_fingerprint(anchor)
-    return Path(direction.meta["source"]).resolve() == Path(anchor).resolve()
+        return direction.meta["source_fingerprint"] != directions.adapter_fingerprint(anchor)
+    source = Path(direction.meta.get("source", ""))
+    return (source / "adapter_model.safetensors").is_file() and source.resolve() != Path(anchor).resolve()
 
 
 def check_files(config: ScoreConfig) -> dict[str, Direction]:
@@ -95,7 +97,7 @@ def check_files(config: ScoreConfig) -> dict[str, Direction]:
                             "the induced update is only the gradient squeezed through a random subspace and "
                             "carries no signal; train the anchor first, or pass --allow-zero-anchor to score "
                             "there anyway")
-        if term == "safety" and "source" in direction.meta and not _same_adapter(direction, anchor):
+        if term == "safety" and _from_another_adapter(direction, anchor):
             _warn(f"--safety-anchor {anchor} is not the adapter the safety direction was built from "
                   f"({direction.meta['source']}, step {direction.meta.get('step', '?')}); the paper takes both "
                   "at the same checkpoint")
