@@ -263,7 +263,8 @@ def _matrix(path: Path, name: str, parts: dict[str, torch.Tensor]) -> Matrix:
         matrix = LowRank(A, B)
     sq = float(matrix.to(torch.float64).sq_norm())
     if sq == 0:
-        raise SqsdError(f"{where}: is all zeros (it points nowhere, and every cosine with it is undefined)")
+        raise SqsdError(f"{where}: is all zeros (it points nowhere, and every cosine with it is undefined); "
+                        "rebuild the direction, or import it without that module (--modules, --layers)")
     if sq > _FLOAT32_MAX:
         raise SqsdError(f"{where}: values so large that its squared norm ({sq:.3g}) overflows float32")
     return matrix
