@@ -284,10 +284,12 @@ def test_unknown_logit_post_processing_is_refused():
 
 def test_dora_anchor_is_a_clear_error():
     tok = tiny_tokenizer()
-    anchor = lora_anchor(tiny_model(tok, dtype=torch.float64), use_dora=True)
+    anchor = lora_anchor(tiny_model(tok, dtype=torch.float64), use_dora=True).train()
+    trainable = [p.requires_grad for p in anchor.parameters()]
     with pytest.raises(SqsdError, match="anchor adapter 'default' is a DoRA adapter .*train the anchor without"):
         project(anchor, samples(tok), [random_direction(anchor, 10)], pad_token_id=tok.pad_token_id,
                 adapter="default", progress=False)
+    assert anchor.training and [p.requires_grad for p in anchor.parameters()] == trainable  # left as it was
 
 
 def test_an_adapter_the_model_does_not_hold_is_a_clear_error(setup):

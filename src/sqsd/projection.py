@@ -132,26 +132,26 @@ class _Capture:
     """Hooks that turn one batched backward into per-sample ⟨δW_m, T_m⟩ and ‖δW_m‖² for every module."""
 
     def __init__(self, model, directions: Sequence[Direction], modules: list[str], mode: str,
-                 adapter: str, dtype: torch.dtype):
+                 adapter: str | None, dtype: torch.dtype):
         self.mode, self.dtype, self.modules = mode, dtype, modules
         self.handles: list = []
         self.dots: dict[int, torch.Tensor] = {}  # module index -> (b, D)
         self.sq: dict[int, torch.Tensor] = {}  # module index -> (b,)
         layers = lora_layers(model, adapter, modules) if mode == "lora" else _linears(model, modules)
         for m, name in enumerate(modules):
-            terms = [d.modules.get(name) for d in directions]
-            terms = [None if t is None else t.to(dtype) for t in terms]
+            matrices = [d.modules.get(name) for d in directions]
+            matrices = [None if t is None else t.to(dtype) for t in matrices]
             if mode == "lora":
                 layer = layers[name]
                 A = layer.lora_A[adapter].weight.detach().to(dtype)  # (r, in)
                 B = layer.lora_B[adapter].weight.detach().to(dtype)  # (out, r)
                 # Per module and direction: T Aᵀ (out, r) and Bᵀ T (r, in); Grams AAᵀ, BᵀB (r, r).
                 ctx = {"A": A, "B": B, "AAt": A @ A.T, "BtB": B.T @ B,
-                       "TAt": [None if t is None else t.times_t(A) for t in terms],
-                       "BtT": [None if t is None else t.t_times(B) for t in terms], "saved": {}}
+                       "TAt": [None if t is None else t.times_t(A) for t in matrices],
+                       "BtT": [None if t is None else t.t_times(B) for t in matrices], "saved": {}}
                 self._hook_lora(layer.lora_A[adapter], layer.lora_B[adapter], m, ctx)
             else:
-                self._hook_dense(layers[name], m, terms)
+                self._hook_dense(layers[name], m, matrices)
 
     def _hook_lora(self, lora_A, lora_B, m: int, ctx: dict) -> None:
         saved = ctx["saved"]
@@ -188,7 +188,7 @@ class _Capture:
             + 2 * torch.einsum("brs,bsr->b", cross, gAAt)
         self._add(m, torch.stack(dots, 1), sq)
 
-    def _hook_dense(self, linear: torch.nn.Linear, m: int, terms: list) -> None:
+    def _hook_dense(self, linear: torch.nn.Linear, m: int, matrices: list) -> None:
         saved: dict = {}
 
         def on_forward(_mod, inputs, output):
@@ -198,7 +198,7 @@ class _Capture:
                 a, delta = saved.pop("a").to(self.dtype), delta.to(self.dtype)
                 # G = Σ_t δ_t a_tᵀ; ⟨−G, T⟩ = −Σ_t δ_t·(T a_t); ‖G‖² = Σ_{t,t'} (a_t·a_t')(δ_t·δ_t')
                 dots = [torch.zeros(a.shape[0], dtype=self.dtype, device=a.device) if t is None
-                        else -(delta * t.apply(a)).sum((1, 2)) for t in terms]
+                        else -(delta * t.apply(a)).sum((1, 2)) for t in matrices]
                 sq = ((a @ a.transpose(1, 2)) * (delta @ delta.transpose(1, 2))).sum((1, 2))
                 self._add(m, torch.stack(dots, 1), sq)
             output.register_hook(grad_out)
@@ -329,11 +329,11 @@ def project(model, samples: Sequence[Encoded], directions: Sequence[Direction], 
     dots = torch.zeros(n, len(directions), len(modules), dtype=dtype)
     sq = torch.zeros(n, len(modules), dtype=dtype)
     loss, n_tokens = torch.zeros(n, dtype=dtype), torch.zeros(n, dtype=dtype)
+    capture = _Capture(model, directions, modules, mode, adapter, dtype)  # checks the layers before any hook
     was_training = model.training
     model.eval()
     grads = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
-    capture = _Capture(model, directions, modules, mode, adapter, dtype)
     device = next(model.parameters()).device
     try:
         with off, _ScalingOverride(model, adapter, scaling):
