@@ -4,8 +4,8 @@
 
 The samples are a seeded random draw from the whole `dolly-sqsd` pool (all three windows), so their lengths are
 those a real scoring run sees.
-- fast: `scoring.project` (batched, hooks, factor space), two low-rank directions;
-- reference: `scoring.reference_project` (batch 1, plain autograd, dense δW) on the same samples;
+- fast: `projection.project` (batched, hooks, factor space), two low-rank directions;
+- reference: `reference.reference_scores` (batch 1, plain autograd, dense δW) on the same samples;
 - floor: a plain batched forward + backward over the same batches with the same trainable parameters (the LoRA
   factors) and no scoring — the unavoidable cost.
 
@@ -32,8 +32,8 @@ def setup(n: int, max_length: int):
     from sqsd.data import load_records
     from sqsd.directions import Direction, LowRank
     from sqsd.model import load_model
+    from sqsd.projection import lowrank_from_model
     from sqsd.render import encode_records
-    from sqsd.scoring import lowrank_from_model
 
     torch.manual_seed(0)
     model, tokenizer = load_model("smollm2")
@@ -56,26 +56,28 @@ def setup(n: int, max_length: int):
 def phase(name: str, args: argparse.Namespace) -> dict:
     import torch
 
+    from sqsd.projection import project
+    from sqsd.reference import reference_scores
     from sqsd.render import Collator
-    from sqsd.scoring import project, reference_project
 
     anchor, tokenizer, samples, directions = setup(args.n, args.max_length)
     pad = tokenizer.pad_token_id
     tokens = sum(len(s.input_ids) for s in samples)
     times = []
     if name == "fast":
-        project(anchor, samples[: args.batch_size], directions, pad_token_id=pad, batch_size=args.batch_size,
-                progress=False)
+        project(anchor, samples[: args.batch_size], directions, pad_token_id=pad, adapter="default",
+                batch_size=args.batch_size, progress=False)
         for _ in range(args.repeats):
             t = time.perf_counter()
-            project(anchor, samples, directions, pad_token_id=pad, batch_size=args.batch_size, progress=False)
+            project(anchor, samples, directions, pad_token_id=pad, adapter="default", batch_size=args.batch_size,
+                    progress=False)
             times.append(time.perf_counter() - t)
         n = len(samples)
     elif name == "reference":
-        reference_project(anchor, samples[:1], directions)
+        reference_scores(anchor, samples[:1], directions, adapter="default")
         for _ in range(args.repeats):
             t = time.perf_counter()
-            reference_project(anchor, samples, directions)
+            reference_scores(anchor, samples, directions, adapter="default")
             times.append(time.perf_counter() - t)
         n = len(samples)
     else:  # floor: same batches (length-sorted), LoRA factors trainable, HF forward + loss + backward

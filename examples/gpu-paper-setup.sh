@@ -26,9 +26,11 @@ torchrun --nproc_per_node "$NPROC" -m sqsd train alpaca-eval --model $MODEL --dt
   --epochs 1 --output-dir $RUN/anchor
 
 # Score Dolly-15k (every rank scores its chunks; rank 0 merges), then cut the paper's five windows of 1,000.
+# The safety term is taken at the checkpoint the safety direction was built from (step 100), as in the paper;
+# `score` warns when the safety anchor is another adapter.
 torchrun --nproc_per_node "$NPROC" -m sqsd score databricks/databricks-dolly-15k --format dolly --model $MODEL \
   --dtype bfloat16 --device cuda --danger $RUN/danger/danger.safetensors \
-  --safety $RUN/safety/safety.safetensors --danger-anchor $RUN/anchor --safety-anchor $RUN/safety \
+  --safety $RUN/safety/safety.safetensors --danger-anchor $RUN/anchor --safety-anchor $RUN/safety/checkpoint-100 \
   --output-dir $RUN/scores
 sqsd filter $RUN/scores/scores.parquet --windows 5 --window-size 1000 --output-dir $RUN/windows
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sqsd import directions as D
+from sqsd import directions
 from sqsd.cli import main
 from sqsd.config import (
     DirectionsBuildConfig,
@@ -45,9 +45,9 @@ def test_build_writes_the_adapter_as_direction_and_import_gives_the_same(tmp_pat
     out = tmp_path / "danger"
     path = build(_build_config(out, model_dir, data, save_at=(2,)))
     assert path == out / "danger.safetensors"
-    direction = D.load(path)
+    direction = directions.load(path)
     adapter = load_file(str(out / "adapter_model.safetensors"))
-    factors = D.lora_factors(adapter)
+    factors = directions.lora_factors(adapter)
     assert set(direction.modules) == set(factors) and len(factors) == 2 * 7
     for name, (A, B) in factors.items():
         torch.testing.assert_close(direction.modules[name].dense(), B @ A)  # B·A, scaling not applied
@@ -55,9 +55,9 @@ def test_build_writes_the_adapter_as_direction_and_import_gives_the_same(tmp_pat
     assert direction.meta["scaling"] == pytest.approx(3.0) and direction.meta["rank"] == 4
     assert direction.meta["step"] == 3 and direction.meta["train_config"]["learning_rate"] == 1e-2
     assert direction.meta["base_fingerprint"] and any(k.startswith("data") for k in direction.meta["data"])
-    D.check(direction, tiny_model(tiny_tokenizer()), direction.meta["base_fingerprint"])
+    directions.check(direction, tiny_model(tiny_tokenizer()), direction.meta["base_fingerprint"])
 
-    imported = D.load(import_direction(DirectionsImportConfig(source=str(out), output=str(tmp_path / "imp.safetensors"),
+    imported = directions.load(import_direction(DirectionsImportConfig(source=str(out), output=str(tmp_path / "imp.safetensors"),
                                                               kind="danger", model=str(model_dir))))
     assert imported.meta["base_fingerprint"] == direction.meta["base_fingerprint"]
     for name, term in direction.modules.items():
@@ -69,10 +69,15 @@ def test_build_writes_the_adapter_as_direction_and_import_gives_the_same(tmp_pat
     assert "already done" in capsys.readouterr().out
     with pytest.raises(SqsdError, match="built with a different config.*--overwrite"):  # another --step, same run
         build(_build_config(out, model_dir, data, save_at=(2,), step=2))
-    assert D.load(path).meta["step"] == 3
-    early = D.load(build(_build_config(tmp_path / "early", model_dir, data, save_at=(2,), step=2)))
+    assert directions.load(path).meta["step"] == 3
+    early = directions.load(build(_build_config(tmp_path / "early", model_dir, data, save_at=(2,), step=2)))
     assert early.meta["step"] == 2
-    ckpt = D.lora_factors(load_file(str(tmp_path / "early" / "checkpoint-2" / "adapter_model.safetensors")))
+    # the source adapter is recorded, so `score` can tell whether a safety anchor is this very checkpoint
+    assert early.meta["source"] == str(tmp_path / "early" / "checkpoint-2")
+    assert early.meta["source_fingerprint"] == directions.adapter_fingerprint(tmp_path / "early" / "checkpoint-2")
+    assert direction.meta["source_fingerprint"] == directions.adapter_fingerprint(out) != early.meta[
+        "source_fingerprint"]
+    ckpt = directions.lora_factors(load_file(str(tmp_path / "early" / "checkpoint-2" / "adapter_model.safetensors")))
     name = next(iter(ckpt))
     torch.testing.assert_close(early.modules[name].dense(), ckpt[name][1] @ ckpt[name][0])
     assert not torch.allclose(early.modules[name].dense(), direction.modules[name].dense())
@@ -98,11 +103,11 @@ def test_dense_import_is_the_weight_difference_of_chosen_modules_and_layers(tmp_
     out = import_direction(DirectionsImportConfig(source=str(tmp_path / "tuned"), base=str(tmp_path / "base"),
                                                   output=str(tmp_path / "d.safetensors"), modules=("q_proj", "down_proj"),
                                                   layers=(1,)))
-    d = D.load(out)
+    d = directions.load(out)
     assert sorted(d.modules) == ["model.layers.1.mlp.down_proj", "model.layers.1.self_attn.q_proj"]
     torch.testing.assert_close(d.modules["model.layers.1.self_attn.q_proj"].dense(),
                                tuned.model.layers[1].self_attn.q_proj.weight - base.model.layers[1].self_attn.q_proj.weight)
-    everything = D.load(import_direction(DirectionsImportConfig(source=str(tmp_path / "tuned"), base=str(tmp_path / "base"),
+    everything = directions.load(import_direction(DirectionsImportConfig(source=str(tmp_path / "tuned"), base=str(tmp_path / "base"),
                                                                 output=str(tmp_path / "all.safetensors"))))
     assert len(everything.modules) == 2 * 7  # every 2-D weight inside the layers; no embedding, no LM head
     with pytest.raises(SqsdError, match="exists"):
@@ -112,21 +117,21 @@ def test_dense_import_is_the_weight_difference_of_chosen_modules_and_layers(tmp_
 
 def test_inner_products_match_dense():
     g = torch.Generator().manual_seed(1)
-    a = D.LowRank(torch.randn(3, 7, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64))
-    b = D.LowRank(torch.randn(2, 7, generator=g, dtype=torch.float64), torch.randn(5, 2, generator=g, dtype=torch.float64))
-    c = D.Dense(torch.randn(5, 7, generator=g, dtype=torch.float64))
+    a = directions.LowRank(torch.randn(3, 7, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64))
+    b = directions.LowRank(torch.randn(2, 7, generator=g, dtype=torch.float64), torch.randn(5, 2, generator=g, dtype=torch.float64))
+    c = directions.Dense(torch.randn(5, 7, generator=g, dtype=torch.float64))
     for s, t in ((a, b), (a, c), (c, a), (c, c)):
-        torch.testing.assert_close(D.inner(s, t), (s.dense() * t.dense()).sum())
+        torch.testing.assert_close(directions.inner(s, t), (s.dense() * t.dense()).sum())
 
 
 def test_info_cosines_and_norms(tmp_path, capsys):
     g = torch.Generator().manual_seed(2)
     names = [f"model.layers.{i}.self_attn.q_proj" for i in range(2)] + ["model.layers.1.mlp.up_proj"]
-    terms = {n: D.LowRank(torch.randn(2, 6, generator=g), torch.randn(4, 2, generator=g)) for n in names}
-    d = D.Direction(terms, "danger")
-    other = D.Direction({n: D.LowRank(torch.randn(2, 6, generator=g), torch.randn(4, 2, generator=g))
+    terms = {n: directions.LowRank(torch.randn(2, 6, generator=g), torch.randn(4, 2, generator=g)) for n in names}
+    d = directions.Direction(terms, "danger")
+    other = directions.Direction({n: directions.LowRank(torch.randn(2, 6, generator=g), torch.randn(4, 2, generator=g))
                          for n in names[:2]}, "safety")
-    pa, pb, pc = (str(D.save(x, tmp_path / f"{k}.safetensors")) for k, x in
+    pa, pb, pc = (str(directions.save(x, tmp_path / f"{k}.safetensors")) for k, x in
                   (("a", d), ("neg", d.scaled(-2.0)), ("b", other)))
     out = describe((pa, pb, pc))
     info_a = out["directions"][pa]

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from sqsd import directions as D
+from sqsd import directions
 from sqsd.config import TrainConfig
 from sqsd.drift import EVAL_DIR, TRAJECTORY_FILE, DriftTracker
 from sqsd.errors import SqsdError
@@ -38,13 +38,13 @@ def make_directions(model, folder):
     low = {}
     for name in [n for n in w if n.endswith(("q_proj", "v_proj", "down_proj"))] + ["model.layers.0.self_attn.o_proj"]:
         out_dim, in_dim = w[name].shape
-        low[name] = D.LowRank(torch.randn(3, in_dim, generator=g, dtype=torch.float64),
+        low[name] = directions.LowRank(torch.randn(3, in_dim, generator=g, dtype=torch.float64),
                               torch.randn(out_dim, 3, generator=g, dtype=torch.float64))
-    dense = {name: D.Dense(torch.randn(*w[name].shape, generator=g, dtype=torch.float64))
+    dense = {name: directions.Dense(torch.randn(*w[name].shape, generator=g, dtype=torch.float64))
              for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj")}
-    danger = D.save(D.Direction(low, "danger"), folder / "danger.safetensors")
-    safety = D.save(D.Direction(dense, "safety"), folder / "safety.safetensors")
-    return {"danger": D.load(danger), "safety": D.load(safety)}, [str(danger), str(safety)]
+    danger = directions.save(directions.Direction(low, "danger"), folder / "danger.safetensors")
+    safety = directions.save(directions.Direction(dense, "safety"), folder / "safety.safetensors")
+    return {"danger": directions.load(danger), "safety": directions.load(safety)}, [str(danger), str(safety)]
 
 
 def reference(delta, direction):
@@ -104,7 +104,7 @@ def test_lora_trajectory_equals_dense_computation_from_checkpoints_and_resume_ad
         assert lines[0][name] == {"cosine-sum": 0.0, "projection": 0.0, "cosine": 0.0, "norm_delta": 0.0}
     s = config.lora_alpha / config.lora_r
     for step, folder in ((2, out / "checkpoint-2"), (5, out / "checkpoint-5"), (6, out)):
-        factors = D.lora_factors(load_file(str(folder / "adapter_model.safetensors")))
+        factors = directions.lora_factors(load_file(str(folder / "adapter_model.safetensors")))
         delta = {name: s * B.double() @ A.double() for name, (A, B) in factors.items()}  # B(0) = 0 in PEFT
         assert "model.layers.0.self_attn.o_proj" not in delta
         check_line(lines[step], {name: (delta, d) for name, d in dirs.items()})
@@ -144,11 +144,11 @@ def test_lora_with_nonzero_initial_adapter_subtracts_the_starting_point(tmp_path
     train_model(model, tokenizer, records(), config, out, callbacks=[tracker, init], init_lora_weights=False)
     lines = read(out / TRAJECTORY_FILE)
     assert lines[0]["danger"]["norm_delta"] == 0.0
-    start = D.lora_factors({k.replace("base_model.model.", "").replace(".default", ""): v
+    start = directions.lora_factors({k.replace("base_model.model.", "").replace(".default", ""): v
                             for k, v in init.factors.items()})
     s = 8.0 / 4
     for step, folder in ((3, out / "checkpoint-3"), (6, out)):
-        factors = D.lora_factors(load_file(str(folder / "adapter_model.safetensors")))
+        factors = directions.lora_factors(load_file(str(folder / "adapter_model.safetensors")))
         delta = {n: s * (B.double() @ A.double() - start[n][1] @ start[n][0]) for n, (A, B) in factors.items()}
         check_line(lines[step], {name: (delta, d) for name, d in dirs.items()})
         naive = {n: s * B.double() @ A.double() for n, (A, B) in factors.items()}
@@ -203,7 +203,7 @@ def test_asr_is_measured_exactly_at_the_eval_steps_without_changing_training(tmp
 
 def test_tracked_direction_that_does_not_fit_the_model_is_a_clear_error(tmp_path, folders):
     model_dir, data, _ = folders
-    wrong = D.save(D.Direction({"model.layers.0.self_attn.q_proj": D.Dense(torch.ones(3, 3))}),
+    wrong = directions.save(directions.Direction({"model.layers.0.self_attn.q_proj": directions.Dense(torch.ones(3, 3))}),
                    tmp_path / "wrong.safetensors")
     with pytest.raises(SqsdError, match=r"--track .*wrong\.safetensors.*shape"):
         train(cfg(tmp_path / "run", data=str(data), model=str(model_dir), track=(str(wrong),)))

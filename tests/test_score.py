@@ -17,14 +17,16 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-import sqsd.score as S
-from sqsd import directions as D
+from sqsd import directions, score
+from sqsd.cli import main
 from sqsd.config import ScoreConfig
 from sqsd.data import Record, load_records
 from sqsd.errors import SqsdError
 from sqsd.model import load_model
+from sqsd.projection import Projections
+from sqsd.reference import reference_scores
 from sqsd.render import encode_record
-from sqsd.scoring import reference_project
+from sqsd.terms import Term, check_files, load_terms
 from tiny import tiny_model, tiny_tokenizer
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -48,10 +50,10 @@ def _direction(model_dir, path, seed, modules=None, kind="lowrank"):
     terms = {}
     for name in sorted(modules or linears):
         out, inp = linears[name].weight.shape
-        terms[name] = (D.LowRank(torch.randn(3, inp, generator=g, dtype=torch.float64),
+        terms[name] = (directions.LowRank(torch.randn(3, inp, generator=g, dtype=torch.float64),
                                  torch.randn(out, 3, generator=g, dtype=torch.float64)) if kind == "lowrank"
-                       else D.Dense(torch.randn(out, inp, generator=g, dtype=torch.float64)))
-    return D.save(D.Direction(terms, kind="direction"), path)
+                       else directions.Dense(torch.randn(out, inp, generator=g, dtype=torch.float64)))
+    return directions.save(directions.Direction(terms, kind="direction"), path)
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +94,9 @@ def reference(files, term, anchor=None, scaling=None, metric="cosine-sum"):
     assert [e.truncated for e in encoded] == [i == 4 for i in range(9)]  # one record loses prompt tokens
     if anchor is not None:
         model = PeftModel.from_pretrained(model, str(anchor))
-    p = reference_project(model, encoded, [D.load(getattr(files, term))], scaling=scaling)
-    return p.metric(metric)[:, 0].tolist(), p.loss.tolist(), [e.n_response_tokens for e in encoded]
+    p = reference_scores(model, encoded, [directions.load(getattr(files, term))],
+                         adapter=None if anchor is None else "default", scaling=scaling)
+    return p.scores[metric][:, 0].tolist(), p.loss.tolist(), [e.n_response_tokens for e in encoded]
 
 
 def close(a, b, rtol=1e-9, atol=1e-12):
@@ -101,10 +104,10 @@ def close(a, b, rtol=1e-9, atol=1e-12):
 
 
 def test_file_equals_the_reference_per_term_and_anchor(files, tmp_path):
-    out = S.score(config(files, tmp_path / "run"))
+    out = score.score(config(files, tmp_path / "run"))
     assert out == tmp_path / "run" / "scores.parquet"
     table = pq.read_table(out)
-    assert table.column_names == list(S.COLUMNS)
+    assert table.column_names == list(score.COLUMNS)
     rows = table.to_pylist()
     records = load_records(str(files.data)).records
     assert [r["index"] for r in rows] == list(range(9)) and [r["id"] for r in rows] == [r.id for r in records]
@@ -135,9 +138,9 @@ def test_file_equals_the_reference_per_term_and_anchor(files, tmp_path):
 
 def test_dense_term_next_to_an_anchored_term(files, tmp_path):
     """A term without anchor is scored at the model itself, even when the other term's adapter is loaded."""
-    out = S.score(config(files, tmp_path / "run", danger=str(files.dense), danger_anchor=None, metric="projection",
+    out = score.score(config(files, tmp_path / "run", danger=str(files.dense), danger_anchor=None, metric="projection",
                          format_out="jsonl"))
-    rows = S.read_scores(out)
+    rows = score.read_scores(out)
     danger, loss, _ = reference(files, "dense", metric="projection")
     safety, _, _ = reference(files, "safety", files.safety_anchor, scaling=1.0, metric="projection")
     assert close([r["danger"] for r in rows], danger) and close([r["safety"] for r in rows], safety)
@@ -145,8 +148,8 @@ def test_dense_term_next_to_an_anchored_term(files, tmp_path):
 
 
 def test_one_term_leaves_the_other_column_empty(files, tmp_path):
-    out = S.score(config(files, tmp_path / "run", danger=None, danger_anchor=None))
-    rows = S.read_scores(out)
+    out = score.score(config(files, tmp_path / "run", danger=None, danger_anchor=None))
+    rows = score.read_scores(out)
     safety, loss, _ = reference(files, "safety", files.safety_anchor, scaling=1.0)
     assert all(r["danger"] is None for r in rows) and close([r["safety"] for r in rows], safety)
     assert [r["risk"] for r in rows] == [-r["safety"] for r in rows]
@@ -155,19 +158,19 @@ def test_one_term_leaves_the_other_column_empty(files, tmp_path):
 
 def test_same_anchor_one_pass_equals_two_passes(files, tmp_path, monkeypatch):
     calls = []
-    real = S.project
+    real = score.project
 
     def spy(model, samples, directions, **kw):
         calls.append(len(directions))
         return real(model, samples, directions, **kw)
 
-    monkeypatch.setattr(S, "project", spy)
+    monkeypatch.setattr(score, "project", spy)
     same = {"safety_anchor": str(files.danger_anchor), "danger_scaling": None}
-    one = S.read_scores(S.score(config(files, tmp_path / "one", **same, safety_scaling=None)))
+    one = score.read_scores(score.score(config(files, tmp_path / "one", **same, safety_scaling=None)))
     assert calls == [2] * 5  # chunks of 4, 4, 1 in batches of 3: 5 batches, one pass each with both directions
     calls.clear()
     # the anchor's own scaling (alpha/r = 2) given explicitly: a different key, so two passes, same numbers
-    two = S.read_scores(S.score(config(files, tmp_path / "two", **same, safety_scaling=2.0)))
+    two = score.read_scores(score.score(config(files, tmp_path / "two", **same, safety_scaling=2.0)))
     assert calls == [1] * 10
     for key in ("danger", "safety", "risk", "risk_z", "loss"):
         assert close([r[key] for r in one], [r[key] for r in two], rtol=1e-12, atol=1e-14), key
@@ -175,46 +178,46 @@ def test_same_anchor_one_pass_equals_two_passes(files, tmp_path, monkeypatch):
     assert close([r["safety"] for r in one], safety)
     # the shared folder is loaded once
     model, _ = load_model(str(files.model), "float64")
-    wrapped, terms = S.load_terms(config(files, tmp_path / "x", **same), model)
+    wrapped, terms = load_terms(config(files, tmp_path / "x", **same), model)
     assert set(wrapped.peft_config) == {"danger"} and terms["safety"].adapter == "danger"
 
 
 def test_resume_after_an_interrupt_gives_the_same_file(files, tmp_path, monkeypatch, capsys):
-    full = S.read_scores(S.score(config(files, tmp_path / "full")))
+    full = score.read_scores(score.score(config(files, tmp_path / "full")))
     written = []
-    real = S._write_chunk
+    real = score._write_chunk
 
     def interrupt_after_one(path, rows):
         real(path, rows)
         written.append(path.name)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(S, "_write_chunk", interrupt_after_one)
+    monkeypatch.setattr(score, "_write_chunk", interrupt_after_one)
     cfg = config(files, tmp_path / "run")
     with pytest.raises(KeyboardInterrupt):
-        S.score(cfg)
+        score.score(cfg)
     assert written == ["00000.jsonl"] and not (tmp_path / "run" / "scores.parquet").exists()
 
     def record(path, rows):
         real(path, rows)
         written.append(path.name)
 
-    monkeypatch.setattr(S, "_write_chunk", record)
+    monkeypatch.setattr(score, "_write_chunk", record)
     written.clear()
-    out = S.score(cfg)
+    out = score.score(cfg)
     assert written == ["00001.jsonl", "00002.jsonl"]  # the finished chunk was not scored again
-    assert S.read_scores(out) == full  # identical, bit for bit
+    assert score.read_scores(out) == full  # identical, bit for bit
 
     def no_model(*args, **kw):
         raise AssertionError("a finished run must not load the model")
 
     monkeypatch.setattr("sqsd.model.load_model", no_model)
     capsys.readouterr()
-    assert S.score(cfg) == out and "already done" in capsys.readouterr().out
+    assert score.score(cfg) == out and "already done" in capsys.readouterr().out
     with pytest.raises(SqsdError, match="different config.*batch_size: 3 -> 2.*--overwrite"):
-        S.score(config(files, tmp_path / "run", batch_size=2))
+        score.score(config(files, tmp_path / "run", batch_size=2))
     monkeypatch.undo()
-    again = S.read_scores(S.score(config(files, tmp_path / "run", batch_size=2, overwrite=True)))
+    again = score.read_scores(score.score(config(files, tmp_path / "run", batch_size=2, overwrite=True)))
     # another batch size: other batches, the same numbers (batch invariance)
     assert close([r["risk"] for r in again], [r["risk"] for r in full])
 
@@ -223,7 +226,7 @@ def test_skipped_records_have_null_scores_not_nan(tmp_path):
     tok = tiny_tokenizer()
     model = tiny_model(tok, dtype=torch.float64)
     g = torch.Generator().manual_seed(0)
-    direction = D.Direction({n: D.LowRank(torch.randn(2, m.in_features, generator=g, dtype=torch.float64),
+    direction = directions.Direction({n: directions.LowRank(torch.randn(2, m.in_features, generator=g, dtype=torch.float64),
                                            torch.randn(m.out_features, 2, generator=g, dtype=torch.float64))
                              for n, m in model.named_modules() if n.endswith(("q_proj", "up_proj"))})
 
@@ -231,16 +234,16 @@ def test_skipped_records_have_null_scores_not_nan(tmp_path):
         return Record(str(i), "t", i, ({"role": "user", "content": f"question {i}"},), response, {})
 
     records = [rec(0, "an answer"), rec(1, None), rec(2, "another answer"), rec(3, "   "), rec(4, "ok")]
-    rows = S.add_risk_z(S.score_records(model, tok, records, danger=S.Term(direction), batch_size=2))
+    rows = score.add_risk_z(score.score_records(model, tok, records, danger=Term(direction), batch_size=2))
     assert [r["status"] for r in rows] == ["ok", "skipped: record has no response (a prompt-only record cannot be "
                                            "trained on or scored)", "ok", "skipped: empty response", "ok"]
     for r in (rows[1], rows[3]):
         assert all(r[k] is None for k in ("danger", "safety", "risk", "risk_z", "loss", "n_response_tokens"))
-    alone = S.add_risk_z(S.score_records(model, tok, [records[i] for i in (0, 2, 4)], danger=S.Term(direction)))
+    alone = score.add_risk_z(score.score_records(model, tok, [records[i] for i in (0, 2, 4)], danger=Term(direction)))
     assert close([rows[i]["danger"] for i in (0, 2, 4)], [r["danger"] for r in alone])
     assert close([rows[i]["risk_z"] for i in (0, 2, 4)], [r["risk_z"] for r in alone])  # skips leave z alone
     for name in ("s.parquet", "s.jsonl"):
-        back = S.read_scores(S.write_scores(rows, tmp_path / name))
+        back = score.read_scores(score.write_scores(rows, tmp_path / name))
         assert back[1]["danger"] is None and back[3]["loss"] is None and back[0]["danger"] == rows[0]["danger"]
     assert pq.read_table(tmp_path / "s.parquet").column("risk").null_count == 2
     assert "NaN" not in (tmp_path / "s.jsonl").read_text()
@@ -256,20 +259,126 @@ def test_bad_inputs_are_clear_errors(files, tmp_path):
     with pytest.raises(SqsdError, match="--chunk-size must be positive"):
         ScoreConfig(data="d.jsonl", output_dir="o", safety="s", chunk_size=0)
     with pytest.raises(SqsdError, match="direction file .*missing.safetensors does not exist"):
-        S.score(config(files, tmp_path / "a", danger=str(tmp_path / "missing.safetensors")))
+        score.score(config(files, tmp_path / "a", danger=str(tmp_path / "missing.safetensors")))
     with pytest.raises(SqsdError, match="--safety-anchor: .* is not a PEFT adapter folder"):
-        S.score(config(files, tmp_path / "b", safety_anchor=str(tmp_path)))
-    wide = D.load(files.danger)
+        score.score(config(files, tmp_path / "b", safety_anchor=str(tmp_path)))
+    wide = directions.load(files.danger)
     name = next(iter(wide.modules))
-    wrong = D.Direction({**wide.modules, name: D.LowRank(torch.zeros(3, 5), torch.zeros(7, 3))})
-    D.save(wrong, tmp_path / "wrong.safetensors")
+    wrong = directions.Direction({**wide.modules, name: directions.LowRank(torch.ones(3, 5), torch.ones(7, 3))})
+    directions.save(wrong, tmp_path / "wrong.safetensors")
     with pytest.raises(SqsdError, match=f"module {name}: shape \\(7, 5\\).*another model"):
-        S.score(config(files, tmp_path / "c", danger=str(tmp_path / "wrong.safetensors")))
-    lm_head = D.Direction({"lm_head": D.Dense(torch.ones(len(tiny_tokenizer()), 32, dtype=torch.float64))})
-    D.save(lm_head, tmp_path / "head.safetensors")
-    with pytest.raises(SqsdError, match=r"the anchor adapter has no LoRA on 1 module\(s\) the direction uses, "
-                                        r"e.g. lm_head"):
-        S.score(config(files, tmp_path / "d", safety=str(tmp_path / "head.safetensors")))
+        score.score(config(files, tmp_path / "c", danger=str(tmp_path / "wrong.safetensors")))
+    lm_head = directions.Direction({"lm_head": directions.Dense(torch.ones(len(tiny_tokenizer()), 32, dtype=torch.float64))})
+    directions.save(lm_head, tmp_path / "head.safetensors")
+    with pytest.raises(SqsdError, match=r"the anchor adapter 'safety' has no LoRA on 1 module\(s\) the direction "
+                                        r"uses, e.g. lm_head"):
+        score.score(config(files, tmp_path / "d", safety=str(tmp_path / "head.safetensors")))
+
+
+def test_the_non_finite_guard_skips_a_row_instead_of_writing_nan(monkeypatch):
+    tok = tiny_tokenizer()
+    model = tiny_model(tok, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    direction = directions.Direction({n: directions.Dense(torch.randn(m.weight.shape, generator=g,
+                                                                      dtype=torch.float64))
+                                      for n, m in model.named_modules() if n.endswith("q_proj")})
+    records = [Record(str(i), "t", i, ({"role": "user", "content": "q" * (i + 1)},), "an answer", {})
+               for i in range(4)]
+    real = score.project
+
+    def overflowing(*args, **kw) -> Projections:  # the shortest sample of the batch overflows
+        p = real(*args, **kw)
+        p.dots[0] = float("nan")
+        return p
+
+    monkeypatch.setattr(score, "project", overflowing)
+    rows = score.score_records(model, tok, records, danger=Term(direction), batch_size=4)
+    assert rows[0]["status"].startswith("skipped: non-finite danger (nan); the model overflows in this dtype?")
+    assert rows[0]["danger"] is None and rows[0]["risk"] is None and rows[0]["loss"] is None
+    assert [r["status"] for r in rows[1:]] == ["ok"] * 3 and all(math.isfinite(r["risk"]) for r in rows[1:])
+
+
+def _fresh_anchor(model_dir, folder, **kw):
+    """A PEFT adapter as `get_peft_model` makes it: B = 0 (or DoRA, with `use_dora=True`)."""
+    model, _ = load_model(str(model_dir), "float64")
+    get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS, **kw)).save_pretrained(folder)
+    return str(folder)
+
+
+def test_zero_and_dora_anchors_are_clear_errors(files, tmp_path, capsys):
+    zero = _fresh_anchor(files.model, tmp_path / "zero")
+    with pytest.raises(SqsdError, match="--safety-anchor .*zero: every lora_B is zero .*carries no signal.*"
+                                        "--allow-zero-anchor"):
+        score.score(config(files, tmp_path / "a", safety_anchor=zero))
+    args = [str(files.data), "--model", str(files.model), "--safety", str(files.safety), "--safety-anchor", zero,
+            "--max-length", str(MAX_LENGTH)]
+    assert main(["score", *args, "--output-dir", str(tmp_path / "cli")]) == 2
+    assert "every lora_B is zero" in capsys.readouterr().err
+    rows = score.read_scores(score.score(config(files, tmp_path / "b", safety_anchor=zero, allow_zero_anchor=True,
+                                                danger=None, danger_anchor=None)))
+    assert all(r["status"] == "ok" for r in rows)  # overridden: scored at the fresh adapter
+    torch.manual_seed(0)
+    dora = _fresh_anchor(files.model, tmp_path / "dora", use_dora=True, init_lora_weights=False)
+    with pytest.raises(SqsdError, match="anchor adapter 'safety' is a DoRA adapter"):
+        score.score(config(files, tmp_path / "c", safety_anchor=dora))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text((tmp_path / "zero" / "adapter_config.json").read_text())
+    (broken / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(SqsdError, match="--danger-anchor: .*broken/adapter_model.safetensors: Error while "
+                                        "deserializing header"):
+        score.score(config(files, tmp_path / "d", danger_anchor=str(broken)))
+
+
+def test_warnings_for_a_safety_anchor_that_is_not_the_directions_source_and_an_unfingerprinted_direction(
+        files, tmp_path, capsys):
+    from sqsd.runs import model_fingerprint
+
+    built = directions.from_adapter(files.safety_anchor, "safety")
+    assert built.meta["source_fingerprint"] == directions.adapter_fingerprint(files.safety_anchor)
+    meta = {**built.meta, "base_fingerprint": model_fingerprint(str(files.model)), "step": 100}
+    safety = directions.save(directions.Direction(built.modules, "safety", meta), tmp_path / "safety.safetensors")
+    capsys.readouterr()
+    score.score(config(files, tmp_path / "same", safety=str(safety), danger=None, danger_anchor=None))
+    assert "warning" not in capsys.readouterr().err  # the anchor is the very adapter; the base model is known
+    score.score(config(files, tmp_path / "other", safety=str(safety), safety_anchor=str(files.danger_anchor)))
+    err = capsys.readouterr().err
+    assert (f"warning: --safety-anchor {files.danger_anchor} is not the adapter the safety direction was built "
+            f"from ({files.safety_anchor}, step 100); the paper takes both at the same checkpoint") in err
+    assert f"warning: --danger {files.danger} records no base model (imported without --model?)" in err
+    assert "--safety " not in err  # the safety direction records its base model
+    # a file without the fingerprint is compared by its adapter folder; a dense direction has no adapter source
+    for source, warned in ((files.safety_anchor, False), (files.danger_anchor, True), ("tuned - base", False)):
+        meta = {k: v for k, v in built.meta.items() if k != "source_fingerprint"} | {"source": str(source)}
+        directions.save(directions.Direction(built.modules, "safety", meta), tmp_path / "old.safetensors")
+        check_files(config(files, tmp_path / "x", safety=str(tmp_path / "old.safetensors")))
+        assert ("is not the adapter the safety direction was built from" in capsys.readouterr().err) == warned
+
+
+def test_an_anchor_for_another_model_size_is_a_clear_error(files, tmp_path):
+    tok = tiny_tokenizer()
+    wide = tmp_path / "wide"
+    tiny_model(tok, hidden=48, dtype=torch.float64).save_pretrained(wide)
+    tok.save_pretrained(wide)
+    anchor = _anchor(wide, tmp_path / "wide-anchor", seed=1, r=2, alpha=4)
+    with pytest.raises(SqsdError, match=r"--danger-anchor .*wide-anchor: module model.layers.0.mlp.down_proj: LoRA "
+                                        r"factors A \(2, 96\) and B \(48, 2\) do not fit the model's layer "
+                                        r"\(32 out × 64 in\)"):
+        score.score(config(files, tmp_path / "a", danger_anchor=str(anchor)))
+
+
+def test_direction_files_are_validated_before_the_model_is_loaded(files, tmp_path, monkeypatch, capsys):
+    def no_model(*args, **kw):
+        raise AssertionError("the model must not be loaded before the direction files are validated")
+
+    monkeypatch.setattr("sqsd.model.load_model", no_model)
+    bad = tmp_path / "truncated.safetensors"
+    bad.write_bytes(files.danger.read_bytes()[:-10])
+    with pytest.raises(SqsdError, match=f"direction file {bad} is not a readable safetensors file"):
+        score.score(config(files, tmp_path / "a", danger=str(bad)))
+    args = [str(files.data), "--model", str(files.model), "--danger", str(bad), "--output-dir", str(tmp_path / "b")]
+    assert main(["score", *args]) == 2
+    assert "is not a readable safetensors file" in capsys.readouterr().err
 
 
 def test_torchrun_two_processes_write_the_same_file_as_one(files, tmp_path):

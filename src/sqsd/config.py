@@ -288,6 +288,9 @@ class ScoreConfig(DataArgs, ModelArgs, RenderArgs, MetricArgs, BatchArgs, Output
     safety_scaling: float | None = arg(1.0, help="override the safety anchor's LoRA scaling while scoring (the "
                                                  "paper: 1.0 or 0.8); pass its alpha/r to keep the adapter's own; "
                                                  "ignored without --safety-anchor")
+    allow_zero_anchor: bool = arg(False, help="score at an anchor whose lora_B is zero everywhere (a fresh "
+                                              "adapter: its updates carry no signal, so this is refused unless "
+                                              "given)")
     chunk_size: int = arg(256, help="samples per resumable chunk (and per unit of work across processes)")
     format_out: Literal["parquet", "jsonl"] = arg("parquet", help="format of the scores file")
     max_length: int = 512

@@ -5,10 +5,15 @@ difference of two models' weights. Scoring never needs T itself, only products w
 direction is never expanded: every method here works in factor space.
 
 Module names are the base model's own (`model.layers.0.self_attn.q_proj`), free of PEFT prefixes.
+
+`load` is the one place a direction file is opened: it validates the whole file (safetensors structure, header
+metadata, tensor names, factor shapes, finite non-zero values whose norms fit float32) and turns any defect
+into one SqsdError naming the file and the module, before any model is loaded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Callable
@@ -87,14 +92,14 @@ class Dense:
         return Dense(self.T.to(device=device, dtype=dtype))
 
 
-Term = LowRank | Dense
+Matrix = LowRank | Dense  # one module's T_m
 
 
 @dataclass(frozen=True)
 class Direction:
     """A named set of per-module matrices, with metadata (kind, provenance) kept alongside."""
 
-    modules: dict[str, Term]
+    modules: dict[str, Matrix]
     kind: str = "direction"
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -110,7 +115,7 @@ class Direction:
         return sum(t.sq_norm() for t in self.modules.values())
 
 
-def inner(s: Term, t: Term) -> torch.Tensor:
+def inner(s: Matrix, t: Matrix) -> torch.Tensor:
     """⟨S, T⟩_F; for two low-rank terms tr((A_s A_tᵀ)(B_tᵀ B_s)), an r×r computation."""
     if isinstance(s, LowRank) and isinstance(t, LowRank):
         return ((s.A @ t.A.T) * (s.B.T @ t.B)).sum()
@@ -135,10 +140,12 @@ def lora_factors(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor
 
 
 def from_adapter(folder: str | Path, kind: str = "direction") -> Direction:
-    """A low-rank direction T_m = B_m A_m from a PEFT LoRA adapter folder (scaling not applied, docs/design.md §2).
+    """A low-rank direction T_m = B_m A_m from a PEFT LoRA adapter folder (scaling not applied,
+    docs/design.md §2).
 
     The adapter's scaling (alpha/r, or alpha/√r with rsLoRA), rank and alpha go into the metadata, so that
-    steering can reproduce the adapter itself (θ₀ + 1·scaling·T).
+    steering can reproduce the adapter itself (θ₀ + 1·scaling·T); so do its folder and the fingerprint of its
+    weights (`source`, `source_fingerprint`), so that `score` can tell whether an anchor is this very adapter.
     """
     folder = Path(folder)
     path = folder / "adapter_model.safetensors"
@@ -147,7 +154,7 @@ def from_adapter(folder: str | Path, kind: str = "direction") -> Direction:
     factors = lora_factors(load_file(str(path)))
     if not factors:
         raise SqsdError(f"{path} holds no LoRA weights")
-    meta: dict[str, Any] = {"source": str(folder)}
+    meta: dict[str, Any] = {"source": str(folder), "source_fingerprint": adapter_fingerprint(folder)}
     config_file = folder / "adapter_config.json"
     if config_file.exists():
         peft = json.loads(config_file.read_text())
@@ -156,6 +163,11 @@ def from_adapter(folder: str | Path, kind: str = "direction") -> Direction:
             meta.update(rank=r, alpha=alpha, scaling=alpha / (r ** 0.5 if peft.get("use_rslora") else r))
         meta["peft_base_model"] = peft.get("base_model_name_or_path")
     return Direction({m: LowRank(A.float(), B.float()) for m, (A, B) in factors.items()}, kind, meta)
+
+
+def adapter_fingerprint(folder: str | Path) -> str:
+    """sha256 of a PEFT adapter folder's weights file (adapters are small: megabytes)."""
+    return hashlib.sha256((Path(folder) / "adapter_model.safetensors").read_bytes()).hexdigest()
 
 
 def from_models(base: str | Path, tuned: str | Path, select: Callable[[str], bool],
@@ -177,7 +189,7 @@ def from_models(base: str | Path, tuned: str | Path, select: Callable[[str], boo
         return out
 
     base_index, tuned_index = index(Path(base)), index(Path(tuned))
-    modules: dict[str, Term] = {}
+    modules: dict[str, Matrix] = {}
     for key in sorted(base_index):
         name = key.removesuffix(".weight")
         if not key.endswith(".weight") or not select(name):
@@ -225,26 +237,72 @@ def save(direction: Direction, path: str | Path) -> Path:
     return path
 
 
+_TENSOR = re.compile(r"^(?P<module>.+)\.(?P<part>[ABT])$")
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def _matrix(path: Path, name: str, parts: dict[str, torch.Tensor]) -> Matrix:
+    """One module's tensors as a Matrix, or the defect that makes them unusable."""
+    where = f"direction file {path}, module {name}"
+    if set(parts) not in ({"A", "B"}, {"T"}):
+        raise SqsdError(f"{where}: has tensors {'/'.join(sorted(parts))}; a module holds either .A and .B (low "
+                        "rank) or .T (dense)")
+    for part, tensor in parts.items():
+        if tensor.ndim != 2 or not tensor.is_floating_point():
+            raise SqsdError(f"{where}: .{part} is a {tensor.ndim}-D {tensor.dtype} tensor; a 2-D float matrix "
+                            "is expected")
+        if not bool(torch.isfinite(tensor).all()):
+            raise SqsdError(f"{where}: .{part} holds NaN or Inf values")
+    if "T" in parts:
+        matrix: Matrix = Dense(parts["T"])
+    else:
+        A, B = parts["A"], parts["B"]
+        if A.shape[0] != B.shape[1]:
+            raise SqsdError(f"{where}: factors of mismatched rank, .A is {tuple(A.shape)} (rank × in) but .B "
+                            f"is {tuple(B.shape)} (out × rank)")
+        matrix = LowRank(A, B)
+    sq = float(matrix.to(torch.float64).sq_norm())
+    if sq == 0:
+        raise SqsdError(f"{where}: is all zeros (it points nowhere, and every cosine with it is undefined); "
+                        "rebuild the direction, or import it without that module (--modules, --layers)")
+    if sq > _FLOAT32_MAX:
+        raise SqsdError(f"{where}: values so large that its squared norm ({sq:.3g}) overflows float32")
+    return matrix
+
+
 def load(path: str | Path) -> Direction:
-    """Read a direction file written by `save`."""
-    from safetensors import safe_open
+    """Read a direction file written by `save`, validated completely (see the module docstring)."""
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
         raise SqsdError(f"direction file {path} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("sqsd", "{}"))
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
-    modules: dict[str, Term] = {}
-    for key in tensors:
-        name, part = key.rsplit(".", 1)
-        if part == "T":
-            modules[name] = Dense(tensors[key])
-        elif part == "A":
-            modules[name] = LowRank(tensors[key], tensors[f"{name}.B"])
-    if not modules:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    except (SafetensorError, OSError) as e:
+        raise SqsdError(f"direction file {path} is not a readable safetensors file ({e}); rebuild or re-import "
+                        "it") from None
+    try:
+        meta = json.loads(header.get("sqsd", "{}"))
+    except json.JSONDecodeError as e:
+        raise SqsdError(f"direction file {path}: the header metadata 'sqsd' is not JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise SqsdError(f"direction file {path}: the header metadata 'sqsd' is not a JSON object")
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _TENSOR.match(key)
+        if match is None:
+            raise SqsdError(f"direction file {path}: unexpected tensor {key!r} (expected <module>.A/.B or "
+                            "<module>.T)")
+        parts.setdefault(match["module"], {})[match["part"]] = tensor
+    if not parts:
         raise SqsdError(f"{path} holds no direction tensors (expected <module>.A/.B or <module>.T)")
-    return Direction(dict(sorted(modules.items())), meta.pop("kind", "direction"), meta)
+    modules = {name: _matrix(path, name, parts[name]) for name in sorted(parts)}
+    if sum(float(m.to(torch.float64).sq_norm()) for m in modules.values()) > _FLOAT32_MAX:
+        raise SqsdError(f"direction file {path}: values so large that the squared norm overflows float32")
+    return Direction(modules, meta.pop("kind", "direction"), meta)
 
 
 def check(direction: Direction, model: torch.nn.Module, base_fingerprint: str | None = None) -> None:

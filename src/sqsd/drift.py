@@ -2,7 +2,7 @@
 danger/safety direction, at every logging step, next to the safety measured at chosen steps.
 
 For a tracked direction T (per module m) and the cumulative weight change ΔW_m(t) since training began, each
-logging step gets the three projection metrics of `scoring.Projections.metric` with ΔW in place of a sample's
+logging step gets the three projection metrics of `projection.Projections.metric` with ΔW in place of a sample's
 induced update δW:
 
     cosine-sum  Σ_m cos(ΔW_m, T_m)                (a module that has not moved counts 0)
@@ -42,7 +42,7 @@ from transformers import TrainerCallback
 from sqsd.directions import Direction
 from sqsd.errors import SqsdError
 from sqsd.options import EVAL_MAX_NEW_TOKENS
-from sqsd.scoring import METRICS, Projections
+from sqsd.projection import METRICS, Projections
 
 TRAJECTORY_FILE = "trajectory.jsonl"
 TRAJECTORY_PLOT = "trajectory.png"
@@ -200,7 +200,8 @@ class DriftTracker(TrainerCallback):
         for d in names:
             on = torch.tensor([term is not None for term in self.terms[d]])
             p = Projections(modules=[t.name for t, k in zip(self.tracked, on) if k], dots=dots[d][on][None, None],
-                            sq=sq[on][None], t_sq=self.t_sq[d][on][None], loss=torch.zeros(1),
+                            sq=sq[on][None], t_sq=self.t_sq[d][on][None],
+                            on=torch.ones(1, int(on.sum()), dtype=torch.bool), loss=torch.zeros(1),
                             n_tokens=torch.zeros(1))
             out[d] = {metric: float(p.metric(metric)[0, 0]) for metric in METRICS}
             out[d]["norm_delta"] = float(sq[on].sum().sqrt())
@@ -301,14 +302,14 @@ def tracker_from_config(config: Any, model: torch.nn.Module, tokenizer: Any, out
                         main: bool = True, base_fingerprint: str | None = None) -> DriftTracker:
     """The DriftTracker of a TrainConfig (`--track` and `--track-eval-*`): loads and checks the direction files
     against `model` (the base model, before LoRA is attached) and, on the main process, the eval prompts."""
-    from sqsd import directions as D
+    from sqsd.directions import check, load
 
     names = direction_names(config.track)
     loaded = {}
     for name, path in zip(names, config.track):
-        direction = D.load(path)
+        direction = load(path)
         try:
-            D.check(direction, model, base_fingerprint)
+            check(direction, model, base_fingerprint)
         except SqsdError as e:
             raise SqsdError(f"--track {path}: {e}") from e
         loaded[name] = direction

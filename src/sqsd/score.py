@@ -1,12 +1,13 @@
 """`sqsd score`: per-sample SQSD risk scores for a dataset, resumable and shardable across processes.
 
 For every record: the projection of the update it induces onto the danger direction (taken at the danger
-anchor) and onto the safety direction (taken at the safety anchor), and risk = danger − safety (DESIGN §2).
+anchor) and onto the safety direction (taken at the safety anchor), and risk = danger − safety (docs/design.md §2).
 A term without an anchor is scored in dense mode, at the model itself; a missing term leaves its column empty
 and counts as 0 in the risk.
 
 `score_records` is the core for callers that already hold a model (tests, experiments); `score` is the command:
-it loads data, model, anchors and directions, scores in chunks and merges them into one file.
+it validates the direction files and anchors (`terms.check_files`, before any model is loaded), loads data,
+model and anchors, scores in chunks and merges them into one file. The maths is `projection.project`.
 
 Output folder:
     scores.parquet (or scores.jsonl)   one row per record, in dataset order: see COLUMNS
@@ -31,7 +32,6 @@ import math
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,78 +41,34 @@ from tqdm.auto import tqdm
 
 from sqsd.config import ScoreConfig
 from sqsd.data import Record
-from sqsd.directions import Direction
 from sqsd.errors import SqsdError
 from sqsd.formats import RawRecord
+from sqsd.projection import check_logits, project
 from sqsd.readers import read_rows
 from sqsd.render import Encoded, Skip, encode_record
 from sqsd.runs import broadcast
-from sqsd.scoring import project
+from sqsd.terms import TERMS, Term, check_files, load_terms
 
-TERMS = ("danger", "safety")
 COLUMNS = ("index", "id", "danger", "safety", "risk", "risk_z", "n_response_tokens", "loss", "status")
 CHUNKS_DIR = "chunks"
 OK = "ok"
 
 
-@dataclass(frozen=True)
-class Term:
-    """One side of the score: a direction and where the induced update is taken. `adapter` names an adapter
-    loaded in the PeftModel given to `score_records` (None = dense mode at the model itself); `scaling`
-    overrides that adapter's LoRA scaling (None = its own alpha/r; ignored in dense mode)."""
-
-    direction: Direction
-    adapter: str | None = None
-    scaling: float | None = None
-
-    @property
-    def key(self) -> tuple:
-        """Terms with equal keys share one forward/backward pass."""
-        return ("lora", self.adapter, self.scaling) if self.adapter else ("dense",)
-
-
 # --- the core: records -> rows ---------------------------------------------------------------------------------
 
-def _dense_at_base(model: Any, direction: Direction) -> Direction:
-    """`direction` renamed for the base model of a PeftModel, whose adapted linears sit at `<name>.base_layer`."""
-    modules = dict(model.get_base_model().named_modules())
-    return Direction({f"{n}.base_layer" if hasattr(modules.get(n), "base_layer") else n: t
-                      for n, t in direction.modules.items()}, direction.kind, direction.meta)
-
-
-def _passes(model: Any, terms: dict[str, Term]) -> list[tuple[tuple, list[str]]]:
+def _passes(terms: dict[str, Term]) -> list[tuple[tuple, list[str]]]:
     """[(key, term names)]: terms at the same anchor and scaling (or both dense) share a pass."""
-    from peft import PeftModel
-
     groups: dict[tuple, list[str]] = {}
     for name, term in terms.items():
-        if term.adapter and not isinstance(model, PeftModel):
-            raise SqsdError(f"the {name} term is taken at adapter {term.adapter!r}, but the model has no adapters")
         groups.setdefault(term.key, []).append(name)
     return list(groups.items())
 
 
 def _batches(samples: Sequence[tuple[int, Encoded]], batch_size: int) -> Iterator[list[tuple[int, Encoded]]]:
-    """Length-bucketed batches (the same rule as `scoring.project`): sort by length, cut consecutive slices."""
+    """Length-bucketed batches (the same rule as `projection.project`): sort by length, cut consecutive slices."""
     ordered = sorted(samples, key=lambda item: len(item[1].input_ids))
     for start in range(0, len(ordered), batch_size):
         yield ordered[start:start + batch_size]
-
-
-def _project_pass(model: Any, key: tuple, directions: list[Direction], samples: list[Encoded],
-                  pad_token_id: int) -> Any:
-    """Projections of `samples` on `directions` at the anchor of `key` (one batch: `samples` is one)."""
-    from peft import PeftModel
-
-    kwargs = {"pad_token_id": pad_token_id, "batch_size": len(samples), "progress": False}
-    if key[0] == "lora":
-        model.set_adapter(key[1])
-        return project(model, samples, directions, scaling=key[2], **kwargs)
-    if isinstance(model, PeftModel):  # dense mode with adapters loaded: switch them off, hook the base linears
-        with model.disable_adapter():
-            return project(model.get_base_model(), samples, [_dense_at_base(model, d) for d in directions],
-                           **kwargs)
-    return project(model, samples, directions, **kwargs)
 
 
 def _skip_row(index: int, record_id: str, reason: str) -> dict[str, Any]:
@@ -132,7 +88,8 @@ def score_records(model: Any, tokenizer: Any, records: Sequence[Record], *, dang
     terms = {name: term for name, term in (("danger", danger), ("safety", safety)) if term is not None}
     if not terms:
         raise SqsdError("nothing to score: give a danger and/or a safety direction")
-    passes = _passes(model, terms)
+    passes = _passes(terms)
+    check_logits(model)
     device = next(model.parameters()).device
     dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
     directions = {name: term.direction.to(dtype, device) for name, term in terms.items()}
@@ -148,9 +105,10 @@ def score_records(model: Any, tokenizer: Any, records: Sequence[Record], *, dang
     for batch in _batches(samples, batch_size):
         values: dict[str, torch.Tensor] = {}
         loss = None
-        for key, names in passes:
-            p = _project_pass(model, key, [directions[n] for n in names], [e for _, e in batch],
-                              tokenizer.pad_token_id)
+        for (adapter, scaling), names in passes:
+            p = project(model, [e for _, e in batch], [directions[n] for n in names], adapter=adapter,
+                        scaling=scaling, pad_token_id=tokenizer.pad_token_id, batch_size=len(batch),
+                        progress=False)
             scores = p.metric(metric)
             for d, name in enumerate(names):
                 values[name] = scores[:, d]
@@ -293,54 +251,14 @@ def _inputs(config: ScoreConfig) -> dict[str, str]:
     return inputs
 
 
-def _check_inputs(config: ScoreConfig) -> None:
-    for term in TERMS:
-        path, anchor = getattr(config, term), getattr(config, f"{term}_anchor")
-        if path and not Path(path).is_file():
-            raise SqsdError(f"--{term}: direction file {path} does not exist")
-        if anchor and not (Path(anchor) / "adapter_config.json").is_file():
-            raise SqsdError(f"--{term}-anchor: {anchor} is not a PEFT adapter folder (no adapter_config.json)")
-
-
 def _prepare(config: ScoreConfig) -> str:
     """Check/create the output folder (rank 0 only): "done" when the merged file exists, else "run"."""
     from sqsd.runs import prepare_run
 
-    _check_inputs(config)
+    check_files(config)  # every direction file and anchor, before any model is loaded
     resuming = prepare_run(config.output_dir, config, _inputs(config), config.overwrite)
     (Path(config.output_dir) / CHUNKS_DIR).mkdir(exist_ok=True)
     return "done" if resuming and output_path(config).exists() else "run"
-
-
-def load_terms(config: ScoreConfig, model: Any) -> tuple[Any, dict[str, Term]]:
-    """Check the directions against `model`, load the anchors into it (a PeftModel when any is given), and
-    return (model to score at, {term: Term})."""
-    from peft import PeftModel
-
-    from sqsd import directions as D
-    from sqsd.runs import model_fingerprint
-
-    base_fp = model_fingerprint(config.model)
-    wanted = [term for term in TERMS if getattr(config, term)]
-    directions = {term: D.load(getattr(config, term)) for term in wanted}
-    for direction in directions.values():
-        D.check(direction, model, base_fp)  # before any adapter wraps the linears
-    terms: dict[str, Term] = {}
-    loaded: dict[Path, str] = {}  # anchor folder -> adapter name
-    for term in wanted:
-        anchor = getattr(config, f"{term}_anchor")
-        if not anchor:
-            terms[term] = Term(directions[term])
-            continue
-        folder = Path(anchor).resolve()
-        if folder not in loaded:
-            if isinstance(model, PeftModel):
-                model.load_adapter(anchor, adapter_name=term)
-            else:
-                model = PeftModel.from_pretrained(model, anchor, adapter_name=term)
-            loaded[folder] = term
-        terms[term] = Term(directions[term], loaded[folder], getattr(config, f"{term}_scaling"))
-    return model.eval(), terms
 
 
 def score(config: ScoreConfig) -> Path:
