@@ -41,8 +41,8 @@ from transformers import TrainerCallback
 
 from sqsd.directions import Direction
 from sqsd.errors import SqsdError
-from sqsd.options import EVAL_MAX_NEW_TOKENS
-from sqsd.projection import METRICS, Projections
+from sqsd.options import EVAL_MAX_NEW_TOKENS, METRICS
+from sqsd.projection import Projections
 
 TRAJECTORY_FILE = "trajectory.jsonl"
 TRAJECTORY_PLOT = "trajectory.png"

@@ -45,9 +45,8 @@ from tqdm.auto import tqdm
 
 from sqsd.directions import Direction, LowRank
 from sqsd.errors import SqsdError
+from sqsd.options import METRICS
 from sqsd.render import IGNORE, Collator, Encoded
-
-METRICS = ("cosine-sum", "projection", "cosine")
 
 
 @dataclass
