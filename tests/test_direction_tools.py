@@ -102,9 +102,14 @@ def test_dense_import_is_the_weight_difference_of_chosen_modules_and_layers(tmp_
     everything = D.load(import_direction(DirectionsImportConfig(source=str(tmp_path / "tuned"), base=str(tmp_path / "base"),
                                                                 output=str(tmp_path / "all.safetensors"))))
     assert len(everything.modules) == 2 * 7  # every 2-D weight inside the layers; no embedding, no LM head
-    with pytest.raises(SqsdError, match="exists"):
+    chosen = DirectionsImportConfig(source=str(tmp_path / "tuned"), base=str(tmp_path / "base"), output=str(out),
+                                    modules=("q_proj", "down_proj"), layers=(1,))
+    stamp = out.stat().st_mtime_ns
+    assert import_direction(chosen) == out and out.stat().st_mtime_ns == stamp  # the same import: already done
+    with pytest.raises(SqsdError, match=r"different config or inputs \(config.layers: \[1\] -> \[\]"):
         import_direction(DirectionsImportConfig(source=str(tmp_path / "tuned"), base=str(tmp_path / "base"),
                                                 output=str(out)))
+    assert len(D.load(out).modules) == 2  # nothing lost
 
 
 def test_inner_products_match_dense():

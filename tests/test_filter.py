@@ -128,3 +128,16 @@ def test_bad_options_are_clear_errors(scored, tmp_path):
     with pytest.raises(SqsdError, match="different config.*drop_top: 1 -> 2.*--overwrite"):
         run(scores, tmp_path / "f", drop_top=2, data=str(data))
     assert len(run(scores, tmp_path / "f", drop_top=2, data=str(data), overwrite=True)["dropped"]) == 2
+
+
+def test_overwrite_into_the_scores_own_folder_never_deletes_the_scores(scored):
+    scores, data, _ = scored
+    before = scores.read_bytes()
+    # the folder is the scoring run's (its run.json, a different command's config): a plain rerun refuses ...
+    with pytest.raises(SqsdError, match="holds a run made with a different config or inputs"):
+        run(scores, scores.parent, drop_top=1)
+    # ... and --overwrite would delete the scores this command reads: refused, nothing lost
+    with pytest.raises(SqsdError, match="would delete .*scores.jsonl.*an input of this command"):
+        run(scores, scores.parent, drop_top=1, overwrite=True)
+    assert scores.read_bytes() == before and (scores.parent / "run.json").exists()
+    assert data.exists()

@@ -291,3 +291,20 @@ def test_torchrun_two_processes_write_the_same_file_as_one(files, tmp_path):
     for chunk in range(5):
         name = f"chunks/{chunk:05d}.jsonl"
         assert (tmp_path / "ddp" / name).read_text() == (tmp_path / "single" / name).read_text()
+
+
+def test_a_second_command_scoring_the_same_folder_refuses(files, tmp_path, monkeypatch):
+    from sqsd.runs import open_run
+
+    def no_model(*args, **kw):
+        raise AssertionError("the refused command must not load the model")
+
+    monkeypatch.setattr("sqsd.model.load_model", no_model)
+    cfg = config(files, tmp_path / "run")
+    with open_run(tmp_path / "run", cfg, S._inputs(cfg)), \
+            pytest.raises(SqsdError, match="--output-dir .*run: another sqsd command is writing it right now"):
+        S.score(cfg)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".sqsd.lock", "run.json"]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SqsdError, match="--output-dir .*file: is a file, not a folder"):
+        S.score(config(files, tmp_path / "file"))

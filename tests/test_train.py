@@ -274,3 +274,34 @@ def test_identical_rerun_of_an_unfinished_run_continues_from_its_checkpoint(tmp_
     assert "resuming from" in capsys.readouterr().out
     for key, value in adapter(out).items():
         torch.testing.assert_close(value, finished[key], rtol=0, atol=1e-6)
+
+
+def test_a_checkpoint_cut_short_by_a_kill_is_skipped_for_the_one_before(tmp_path, folders, capsys):
+    model_dir, data = folders
+    out = tmp_path / "run"
+    config = cfg(out, data=str(data), model=str(model_dir), save_at=(2, 4))
+    train(config)
+    finished = adapter(out)
+    # killed while writing checkpoint-4: no result, no final adapter, checkpoint-4's weights cut in half
+    run = json.loads((out / "run.json").read_text())
+    del run["result"]
+    (out / "run.json").write_text(json.dumps(run))
+    (out / "adapter_model.safetensors").unlink()
+    cut = out / "checkpoint-4" / "adapter_model.safetensors"
+    cut.write_bytes(cut.read_bytes()[:cut.stat().st_size // 2])
+    capsys.readouterr()
+    train(config)
+    printed = capsys.readouterr().out
+    assert "checkpoint-4 is incomplete (adapter_model.safetensors is cut short)" in printed
+    assert f"resuming from {out / 'checkpoint-2'}" in printed
+    for key, value in adapter(out).items():
+        torch.testing.assert_close(value, finished[key], rtol=0, atol=1e-6)
+
+
+def test_a_run_json_that_is_not_json_names_the_file(tmp_path, folders):
+    model_dir, data = folders
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text("{not json")
+    with pytest.raises(SqsdError, match=r"run.json is corrupt \(not valid JSON.*restore it"):
+        train(cfg(out, data=str(data), model=str(model_dir)))

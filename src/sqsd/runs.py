@@ -1,28 +1,54 @@
-"""Output folders that remember how they were made.
+"""Output folders (and files) that remember how they were made: the one protocol of every command that writes.
 
-Every stage writes into a folder that holds its resolved config and the fingerprints of its inputs
-(`run.json`). Rerunning the same command into the same folder resumes (the stage reuses what is done); a
-rerun with a different config or different inputs refuses unless `overwrite` is set, so a result never sits
-next to a config that did not produce it.
+`open_run(path, config, inputs)` claims an output folder, or with `file=True` an output file and its sidecar
+`<file>.run.json`, and says what the command finds there:
+- "fresh": nothing of this run yet (the folder was missing or empty, or `overwrite` cleared an older run);
+- "resume": an earlier run of the same config and inputs stopped part-way; reuse what it wrote;
+- "done": an earlier run of the same config and inputs finished (`Run.finish` stored its `result`).
+A run with a different config or different inputs refuses unless `overwrite`, which then removes only what sqsd
+wrote there (the manifest `files` of run.json), never an input of the command; a non-empty folder without
+run.json (or a file without its sidecar) was not made by sqsd and is always refused. Fields that say where the
+output goes or how a run proceeds (CONTROL_FIELDS) are not compared, so the same folder spelt another way, or
+moved, is the same run.
+
+While a command writes, it holds a lock (`fcntl.flock` on `.sqsd.lock` in the folder, `.<name>.lock` beside a
+file): a second command into the same place refuses at once instead of redoing or duplicating the work.
+
+Under a distributed launcher pass the accelerate `PartialState`: rank 0 alone fingerprints the inputs, decides
+and writes; the other ranks get its decision, or its refusal, through `broadcast`. `on_main` runs a whole command
+on rank 0 while the others wait.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, TypeVar
 
 from sqsd import __version__
 from sqsd.config import to_dict
 from sqsd.errors import SqsdError
 
 RUN_FILE = "run.json"
-# Fields that steer how a run is carried out, not what it computes: they may differ between a run and its resume.
-CONTROL_FIELDS = {"overwrite", "resume"}
+LOCK_FILE = ".sqsd.lock"
+# Fields that say where the output goes or how a run is carried out, not what it computes.
+CONTROL_FIELDS = frozenset({"overwrite", "resume", "output_dir", "output"})
+# A weight file above this size is fingerprinted from its header, its size and SAMPLE_BLOCKS blocks of
+# SAMPLE_SIZE bytes at evenly spaced offsets (16 MiB read per file, however big); smaller files are hashed whole.
+SAMPLE_SIZE = 1 << 18
+SAMPLE_BLOCKS = 64
+WEIGHT_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".gguf"})
+FULL_HASH_LIMIT = 2 * SAMPLE_SIZE * SAMPLE_BLOCKS
+T = TypeVar("T")
 
+
+# --- fingerprints -----------------------------------------------------------------------------------------------
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
@@ -32,65 +58,54 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def _sampled_sha256(path: Path, size: int) -> str:
+    """Hash of a big weight file: size, safetensors header (every name, dtype, shape and offset, and the
+    metadata) and evenly spaced blocks. A change confined to bytes between the blocks goes unseen: the price of
+    not reading gigabytes on every command."""
+    digest = hashlib.sha256(f"sampled {size}\n".encode())
+    with open(path, "rb") as f:
+        if path.suffix == ".safetensors":
+            n = int.from_bytes(f.read(8), "little")
+            digest.update(f.read(n) if 0 < n <= size - 8 else b"bad header")
+        for i in range(SAMPLE_BLOCKS):
+            f.seek((size - SAMPLE_SIZE) * i // (SAMPLE_BLOCKS - 1))
+            digest.update(f.read(SAMPLE_SIZE))
+    return digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    size = path.stat().st_size
+    if path.suffix in WEIGHT_SUFFIXES and size > FULL_HASH_LIMIT:
+        return _sampled_sha256(path, size)
+    return sha256_file(path)
+
+
+_CACHE: dict[tuple[Any, ...], str] = {}
+
+
 def fingerprint(path: str | os.PathLike) -> str:
-    """sha256 of a file, or of a folder's files (names and contents); a non-path (hub id) is kept as given."""
+    """sha256 of a file, or of a folder's files (names and contents); a non-path (hub id) is kept as given.
+
+    Data files are hashed whole; big weight files are sampled (see `_sampled_sha256`). A result is cached for
+    the process while the files keep their size and modification time, so a command hashes each input once.
+    """
     p = Path(path)
     if p.is_file():
-        return sha256_file(p)
-    if p.is_dir():
-        digest = hashlib.sha256()
-        for f in sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith(".")):
-            digest.update(f"{f.relative_to(p).as_posix()}:{sha256_file(f)}\n".encode())
-        return digest.hexdigest()
-    return f"id:{path}"
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON via a temporary file and a rename, so a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(old) | set(new)):
-        if key in CONTROL_FIELDS:
-            continue
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return out
-
-
-def prepare_run(folder: str | os.PathLike, config: Any, inputs: dict[str, str], overwrite: bool = False) -> bool:
-    """Create `folder` with run.json, or check it against an earlier run. Returns True when resuming.
-
-    `inputs` maps input names to fingerprints (see `fingerprint`).
-    """
-    folder = Path(folder)
-    record = {"config": to_dict(config), "inputs": inputs, "sqsd_version": __version__}
-    run_file = folder / RUN_FILE
-    if run_file.exists():
-        old = json.loads(run_file.read_text())
-        diff = _differences({"config": old.get("config", {}), "inputs": old.get("inputs", {})},
-                            {"config": record["config"], "inputs": inputs})
-        if not diff:
-            return True
-        if not overwrite:
-            raise SqsdError(f"{folder} holds a run made with a different config or inputs ("
-                            + "; ".join(diff[:5]) + ("; ..." if len(diff) > 5 else "")
-                            + "); pass --overwrite to replace it, or choose another output folder")
-        shutil.rmtree(folder)
-    elif folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise SqsdError(f"{folder} exists, is not empty and was not made by sqsd; pass --overwrite to replace it")
-    elif folder.exists() and overwrite:
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(run_file, record)
-    return False
+        files = [p]
+    elif p.is_dir():
+        files = sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith("."))
+    else:
+        return f"id:{path}"
+    key = (str(p.resolve()), p.is_dir(), *((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if key not in _CACHE:
+        if p.is_file():
+            _CACHE[key] = _file_sha256(p)
+        else:
+            digest = hashlib.sha256()
+            for f in files:
+                digest.update(f"{f.relative_to(p).as_posix()}:{_file_sha256(f)}\n".encode())
+            _CACHE[key] = digest.hexdigest()
+    return _CACHE[key]
 
 
 def model_fingerprint(name: str) -> str:
@@ -124,10 +139,288 @@ def data_fingerprints(data: str) -> dict[str, str]:
     return {"data": fingerprint(data)}
 
 
+# --- the run protocol -------------------------------------------------------------------------------------------
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON via a temporary file and a rename, so a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """run.json (or a sidecar), with a clear error when an earlier run left it unreadable."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        record = f"not valid JSON ({e})"
+    if not isinstance(record, dict):
+        raise SqsdError(f"{path} is corrupt ({record if isinstance(record, str) else 'not a JSON object'}); it "
+                        "records how the output beside it was made: restore it, or move that output away and "
+                        "run again to start afresh")
+    return record
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "",
+                 ignore: Iterable[str] = ()) -> list[str]:
+    skip = CONTROL_FIELDS | set(ignore)
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if key in skip:
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.", ignore)
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def _compared(record: dict[str, Any]) -> dict[str, Any]:
+    return {"config": record.get("config", {}), "inputs": record.get("inputs", {})}
+
+
+@dataclass
+class Run:
+    """A claimed output folder or file: what was found (`state`), its record (run.json or the sidecar:
+    config, inputs, manifest, result) and, on rank 0, the lock. Use it as a context manager: leaving it
+    updates the manifest and releases the lock."""
+
+    path: Path
+    record_file: Path
+    state: str
+    record: dict[str, Any]
+    main: bool = True
+    keep: tuple[Path, ...] = ()
+    lock: IO | None = field(default=None, repr=False)
+
+    @property
+    def inputs(self) -> dict[str, Any]:
+        return self.record.get("inputs", {})
+
+    @property
+    def result(self) -> dict[str, Any] | None:
+        return self.record.get("result")
+
+    def finish(self, result: dict[str, Any]) -> None:
+        """Mark the run done with a summary of what it produced (written by rank 0 only)."""
+        self.record = {**self.record, "result": result}
+        self._save()
+
+    def close(self) -> None:
+        if self.lock is not None:
+            if self.state != "done":
+                self._save()
+            self.lock.close()  # releases the flock
+            self.lock = None
+
+    def _save(self) -> None:
+        if self.main:
+            if self.record_file.name == RUN_FILE:
+                self.record["files"] = _manifest(self.path, self.record.get("files", []), self.keep)
+            write_json_atomic(self.record_file, self.record)
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _entries(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir() if p.name != LOCK_FILE}
+
+
+def _manifest(folder: Path, files: Iterable[str], keep: tuple[Path, ...]) -> list[str]:
+    """What sqsd wrote in `folder`: the files named before plus everything there now, except the command's own
+    inputs (an input that lives inside the folder stays the user's)."""
+    current = {name for name in _entries(folder) if not any(_within(k, folder / name) for k in keep)}
+    return sorted((set(files) | current) - {RUN_FILE})
+
+
+def _within(path: Path, folder: Path) -> bool:
+    folder = folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def _lock(path: Path, what: Path, flag: str) -> IO:
+    handle = open(path, "a")  # noqa: SIM115 - held open for as long as the run holds the lock
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise SqsdError(f"{flag} {what}: another sqsd command is writing it right now (lock {path}); wait for "
+                        f"it to finish, or choose another {flag}") from None
+    return handle
+
+
+def _refusal(flag: str, path: Path, diff: list[str]) -> SqsdError:
+    return SqsdError(f"{flag} {path} holds a run made with a different config or inputs ("
+                     + "; ".join(diff[:5]) + ("; ..." if len(diff) > 5 else "")
+                     + f"); pass --overwrite to replace it (removing what that run wrote), or choose another {flag}")
+
+
+def _claim_folder(folder: Path, record: dict[str, Any], overwrite: bool, keep: tuple[Path, ...], flag: str,
+                  ignore: tuple[str, ...]) -> Run:
+    if folder.exists() and not folder.is_dir():
+        raise SqsdError(f"{flag} {folder}: is a file, not a folder; choose another {flag}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise SqsdError(f"{flag} {folder}: a parent of it is a file, not a folder") from None
+    run_file = folder / RUN_FILE
+    if not run_file.exists() and _entries(folder):
+        raise SqsdError(f"{flag} {folder}: the folder is not empty and was not made by sqsd (no {RUN_FILE}); "
+                        f"choose another {flag} (--overwrite only replaces what sqsd itself wrote)")
+    run = Run(folder, run_file, "fresh", record, keep=keep, lock=_lock(folder / LOCK_FILE, folder, flag))
+    try:
+        if run_file.exists():
+            old = read_record(run_file)
+            diff = _differences(_compared(old), _compared(record), ignore=ignore)
+            if not diff:
+                same = not _differences(_compared(old), _compared(record))
+                run.state = "done" if same and "result" in old else "resume"
+                run.record["files"] = old.get("files", [])
+                if run.state == "done":
+                    run.record = old
+                else:
+                    run._save()  # the new record, and what a killed run wrote added to the manifest
+                return run
+            if not overwrite:
+                raise _refusal(flag, folder, diff)
+            _clear(folder, old, keep)
+        run.record["files"] = []
+        run._save()
+        return run
+    except BaseException:
+        run.lock.close()  # type: ignore[union-attr]
+        raise
+
+
+def _clear(folder: Path, old: dict[str, Any], keep: tuple[Path, ...]) -> None:
+    """Remove what an earlier run wrote (its manifest; a run.json from before manifests: the whole folder),
+    refusing when that would delete an input of this command."""
+    names = old["files"] if "files" in old else sorted(_entries(folder))
+    for name in names:
+        target = folder / name
+        inside = [k for k in keep if _within(k, target)]
+        if inside:
+            raise SqsdError(f"--overwrite would delete {target}, which holds {inside[0]}, an input of this "
+                            "command; choose another output folder")
+    for name in names:
+        target = folder / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+    (folder / RUN_FILE).unlink(missing_ok=True)
+
+
+def sidecar_path(output: Path) -> Path:
+    return output.with_name(output.name + ".run.json")
+
+
+def _claim_file(output: Path, record: dict[str, Any], overwrite: bool, flag: str, ignore: tuple[str, ...]) -> Run:
+    if output.is_dir():
+        raise SqsdError(f"{flag} {output}: is a folder, not a file; name a file")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise SqsdError(f"{flag} {output}: a parent of it is a file, not a folder") from None
+    sidecar = sidecar_path(output)
+    run = Run(output, sidecar, "fresh", record, lock=_lock(output.with_name(f".{output.name}.lock"), output, flag))
+    try:
+        if output.exists():
+            if not sidecar.exists():
+                raise SqsdError(f"{flag} {output} exists but has no {sidecar.name}, so it was not made by sqsd; "
+                                f"choose another {flag}, or move the file away")
+            old = read_record(sidecar)
+            diff = _differences(_compared(old), _compared(record), ignore=ignore)
+            if not diff:
+                same = not _differences(_compared(old), _compared(record))
+                run.state = "done" if same and "result" in old else "resume"
+                if run.state == "done":
+                    run.record = old
+                else:
+                    run._save()
+                return run
+            if not overwrite:
+                raise _refusal(flag, output, diff)
+            output.unlink()
+        run._save()
+        return run
+    except BaseException:
+        run.lock.close()  # type: ignore[union-attr]
+        raise
+
+
+def open_run(path: str | os.PathLike, config: Any, inputs: dict[str, Any] | Callable[[], dict[str, Any]], *,
+             overwrite: bool = False, state: Any = None, keep: Iterable[str | None] = (), file: bool = False,
+             ignore: tuple[str, ...] = (), flag: str | None = None) -> Run:
+    """Claim `path` for a run of `config` on `inputs` (name -> fingerprint; a callable is called on rank 0 only).
+
+    `keep`: the command's input paths, never removed by `overwrite`. `ignore`: config fields that may change
+    between a run and its resume (how much is done, how fast); a run is "done" only when they match too.
+    `state`: an accelerate PartialState under a launcher (rank 0 decides, the others get its decision; only
+    rank 0 holds the lock and writes). `flag` names the output in messages.
+    """
+    path = Path(path)
+    flag = flag or ("--output" if file else "--output-dir")
+    main = state is None or state.is_main_process
+    decision: Any = None
+    run: Run | None = None
+    if main:
+        try:
+            record = {"config": to_dict(config), "inputs": inputs() if callable(inputs) else inputs,
+                      "sqsd_version": __version__}
+            if file:
+                run = _claim_file(path, record, overwrite, flag, ignore)
+            else:
+                kept = tuple(Path(k).resolve() for k in keep if k and Path(k).exists())
+                run = _claim_folder(path, record, overwrite, kept, flag, ignore)
+            decision = (run.state, run.record)
+        except SqsdError as e:
+            decision = e
+    decision = broadcast(state, decision)
+    if isinstance(decision, SqsdError):
+        raise decision
+    if run is None:
+        run = Run(path, sidecar_path(path) if file else path / RUN_FILE, decision[0], decision[1], main=False)
+    return run
+
+
+_on_main_depth = 0
+
+
+def on_main(fn: Callable[[], T], device: str = "cpu") -> T:
+    """Run a command that writes files on rank 0 only: under a launcher the other ranks wait for it and return
+    its result (or raise its error), so N processes never write the same output N times."""
+    from accelerate import PartialState
+
+    global _on_main_depth
+    state = PartialState(cpu=device == "cpu")
+    if not state.use_distributed or _on_main_depth:  # inside another on_main: already on rank 0 alone
+        return fn()
+    out: Any = None
+    if state.is_main_process:
+        _on_main_depth += 1
+        try:
+            out = fn()
+        except Exception as e:
+            broadcast(state, SqsdError(f"rank 0 failed: {e}"))
+            raise
+        finally:
+            _on_main_depth -= 1
+    out = broadcast(state, out)
+    if isinstance(out, SqsdError):
+        raise out
+    return out
+
+
 def broadcast(state: Any, obj: Any) -> Any:
-    """`obj` from rank 0 on every rank of an accelerate `PartialState` (itself when not distributed): how rank 0
-    tells the others what it decided about the output folder, so that a refusal stops every rank."""
-    if not state.use_distributed:
+    """`obj` from rank 0 on every rank of an accelerate `PartialState` (itself when not distributed or when
+    `state` is None): how rank 0 tells the others what it decided, so that a refusal stops every rank."""
+    if state is None or not state.use_distributed:
         return obj
     import torch.distributed
 

@@ -7,8 +7,8 @@ alpha/r, recorded when the direction was built from an adapter; 1.0 when absent,
 α = 1 reproduces the adapter merged into the model, α = 0 is the base model, and negative α steers away.
 
 Output folder:
-    <direction stem>/alpha_<α>/   an `sqsd evaluate` folder (generations, judgments, summary.json), plus
-                                  steer.json (model, direction file, α, scaling); reruns reuse it
+    <direction stem>/alpha_<α>/   an `sqsd evaluate` folder (generations, judgments, summary.json) whose
+                                  run.json also records the direction file, α and scaling; reruns reuse it
     steering.jsonl, steering.csv  one row per (direction, α): direction, kind, alpha, scaling, asr, ci_low,
                                   ci_high, over_refusal, n
     steering.png                  ASR vs α per direction (`report.plot_steering`)
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,9 +32,8 @@ import torch
 from sqsd.config import EvaluateConfig, SteerConfig
 from sqsd.directions import Direction, check, load
 from sqsd.errors import SqsdError
-from sqsd.runs import fingerprint, write_json_atomic
+from sqsd.runs import fingerprint, model_fingerprint, on_main, open_run
 
-STEER_FILE = "steer.json"
 TABLE = "steering"
 FIELDS = ("direction", "kind", "alpha", "scaling", "asr", "ci_low", "ci_high", "over_refusal", "n")
 
@@ -99,26 +97,6 @@ class _Base:
         return self.pair
 
 
-def _claim(folder: Path, record: dict[str, Any], overwrite: bool) -> None:
-    """Make `folder` the evaluation folder of `record` (model, direction, α), reusing it when it matches."""
-    marker = folder / STEER_FILE
-    if marker.exists():
-        old = json.loads(marker.read_text())
-        if old == record:
-            return
-        if not overwrite:
-            diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in record.items() if old.get(k) != v]
-            raise SqsdError(f"{folder} was steered with something else ({'; '.join(diff[:3])}); pass --overwrite "
-                            "to redo it, or choose another --output-dir")
-        shutil.rmtree(folder)
-    elif folder.exists() and any(folder.iterdir()):
-        if not overwrite:
-            raise SqsdError(f"{folder} exists, is not empty and has no {STEER_FILE}; pass --overwrite")
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(marker, record)
-
-
 def _names(paths: tuple[str, ...]) -> list[str]:
     names = [Path(p).stem for p in paths]
     for name in names:
@@ -129,38 +107,44 @@ def _names(paths: tuple[str, ...]) -> list[str]:
 
 
 def steer(config: SteerConfig) -> list[dict[str, Any]]:
-    """Run (or resume) the steering grid of `config`; returns the table rows (also in steering.jsonl/.csv)."""
+    """Run (or resume) the steering grid of `config`; returns the table rows (also in steering.jsonl/.csv).
+    Rank 0 only under a launcher."""
+    return on_main(lambda: _steer(config), config.device)
+
+
+def _steer(config: SteerConfig) -> list[dict[str, Any]]:
     from sqsd.evaluate import evaluate
-    from sqsd.runs import model_fingerprint
 
     out = Path(config.output_dir)
     names = _names(config.directions)
     directions = {path: load(path) for path in config.directions}
-    model_fp = model_fingerprint(config.model)
-    base = _Base(config, directions, model_fp)
-    rows: list[dict[str, Any]] = []
-    for name, path in zip(names, config.directions):
-        direction = directions[path]
-        s = scaling_of(direction)
-        direction_fp = fingerprint(path)
-        for alpha in config.alphas:
-            folder = out / name / alpha_folder(alpha)
-            _claim(folder, {"model": model_fp, "direction": direction_fp, "alpha": alpha, "scaling": s,
-                            "dtype": config.dtype}, config.overwrite)
-            print(f"== {name}: alpha {alpha:g} (W + {alpha * s:g}·T) -> {folder}", flush=True)
-            summary = _evaluate_steered(config, folder, base, direction, alpha * s, evaluate)
-            rows.append(_row(name, direction, alpha, s, summary, config.judge))
-            _write_table(out, rows)
-    _print_table(rows)
-    from sqsd.report import plot_steering
+    # the grid may grow (more directions or alphas): each (direction, alpha) folder checks its own inputs
+    with open_run(out, config, lambda: {"model": model_fingerprint(config.model)}, overwrite=config.overwrite,
+                  ignore=("directions", "alphas"), keep=(config.model, *config.directions)) as run:
+        base = _Base(config, directions, run.inputs["model"])
+        rows: list[dict[str, Any]] = []
+        for name, path in zip(names, config.directions):
+            direction = directions[path]
+            s = scaling_of(direction)
+            steering = {"direction": fingerprint(path), "scaling": s}
+            for alpha in config.alphas:
+                folder = out / name / alpha_folder(alpha)
+                print(f"== {name}: alpha {alpha:g} (W + {alpha * s:g}·T) -> {folder}", flush=True)
+                summary = _evaluate_steered(config, folder, base, direction, alpha * s, evaluate,
+                                            {**steering, "alpha": alpha})
+                rows.append(_row(name, direction, alpha, s, summary, config.judge))
+                _write_table(out, rows)
+        _print_table(rows)
+        from sqsd.report import plot_steering
 
-    png = plot_steering(out / f"{TABLE}.jsonl", out / f"{TABLE}.png")
+        png = plot_steering(out / f"{TABLE}.jsonl", out / f"{TABLE}.png")
+        run.finish({"rows": len(rows), "table": f"{TABLE}.jsonl"})
     print(f"table: {out / f'{TABLE}.jsonl'} (.csv)   plot: {png}")
     return rows
 
 
 def _evaluate_steered(config: SteerConfig, folder: Path, base: _Base, direction: Direction, coefficient: float,
-                      evaluate: Any) -> dict[str, Any]:
+                      evaluate: Any, steering: dict[str, Any]) -> dict[str, Any]:
     eval_config = EvaluateConfig(
         model=config.model, dtype=config.dtype, device=config.device, output_dir=str(folder),
         harmful=config.harmful, benign=config.benign or None, limit=config.limit,
@@ -169,7 +153,7 @@ def _evaluate_steered(config: SteerConfig, folder: Path, base: _Base, direction:
         judge_batch_size=config.judge_batch_size, n_bootstrap=config.n_bootstrap, seed=config.seed,
         overwrite=config.overwrite)
     with _Steering(base, direction, coefficient) as get_model:
-        return evaluate(eval_config, get_model)
+        return evaluate(eval_config, get_model, steering)
 
 
 class _Steering:
