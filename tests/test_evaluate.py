@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from sqsd.errors import SqsdError
 from sqsd.evaluate import asr_summary, bootstrap_ci, judge_file
 from sqsd.judges import Judgment, KeywordJudge
 
@@ -132,5 +133,8 @@ def test_a_corrupt_judged_file_names_its_line(tmp_path):
     gens, judged = tmp_path / "g.jsonl", tmp_path / "j.jsonl"
     _generations(gens, ["Sure."])
     judged.write_text('{"id": "p0", "sample": 0, "response": "Sure.", "judge": "keyword"}\n{"id": \n')
-    with pytest.raises(Exception, match=r"j.jsonl:2: not a line sqsd wrote \(no valid JSON"):
+    with pytest.raises(SqsdError, match=r"j.jsonl:2: not valid JSON"):
+        judge_file(gens, judged, KeywordJudge, "keyword", overwrite=False)
+    judged.write_text('{"id": "p0", "sample": 0, "response": "Sure."}\n')
+    with pytest.raises(SqsdError, match=r"j.jsonl:1: no field 'judge', not a line sqsd wrote"):
         judge_file(gens, judged, KeywordJudge, "keyword", overwrite=False)

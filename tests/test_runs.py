@@ -7,7 +7,8 @@ from safetensors.torch import save_file
 
 from sqsd.config import TrainConfig
 from sqsd.errors import SqsdError
-from sqsd.runs import SAMPLE_BLOCKS, SAMPLE_SIZE, fingerprint, open_run, sidecar_path
+from sqsd.fingerprints import SAMPLE_BLOCKS, SAMPLE_SIZE, fingerprint
+from sqsd.runs import open_run, sidecar_path
 
 
 def cfg(**kw):
@@ -204,7 +205,7 @@ def test_a_big_weight_file_is_sampled_not_read_whole(tmp_path):
 
 
 def test_data_fingerprints_hash_files_named_datasets_and_splits(tmp_path):
-    from sqsd.runs import data_fingerprints
+    from sqsd.fingerprints import data_fingerprints
 
     (tmp_path / "d.jsonl").write_text('{"prompt": "x"}\n')
     assert data_fingerprints(str(tmp_path / "d.jsonl")) == {"data": fingerprint(tmp_path / "d.jsonl")}

@@ -16,10 +16,12 @@ import hashlib
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 from sqsd.config import AlignConfig, TrainConfig, to_dict
 from sqsd.data import Record, load_records
-from sqsd.runs import model_fingerprint, open_run, write_json_atomic
+from sqsd.fingerprints import model_fingerprint
+from sqsd.runs import open_run, write_json_atomic
 
 # Varied refusals: one template per harmful prompt, chosen by a hash of its id so the choice is stable.
 REFUSALS: tuple[str, ...] = (
@@ -92,16 +94,17 @@ def align(config: AlignConfig) -> Path:
             if state.is_main_process:
                 print(f"already done: aligned model in {out / MODEL_DIR}")
         else:
-            _align(config, out, run, state.is_main_process)
+            device = str(state.device) if state.use_distributed and config.device != "cpu" else config.device
+            _align(config, out, run, state.is_main_process, device)
     state.wait_for_everyone()
     return out / MODEL_DIR
 
 
-def _align(config: AlignConfig, out: Path, run, main: bool) -> None:
+def _align(config: AlignConfig, out: Path, run: Any, main: bool, device: str) -> None:
     from sqsd.model import load_model
     from sqsd.train import train_model
 
-    model, tokenizer = load_model(config.model, config.dtype, config.device)
+    model, tokenizer = load_model(config.model, config.dtype, device)
     records = build_records(config, model, tokenizer)  # the same on every rank (greedy answers, seeded shuffles)
     if main:
         with open(out / "align_data.jsonl", "w", encoding="utf-8") as f:

@@ -30,7 +30,8 @@ from sqsd.config import (
     to_dict,
 )
 from sqsd.errors import SqsdError
-from sqsd.runs import data_fingerprints, fingerprint, model_fingerprint, on_main, open_run, write_json_atomic
+from sqsd.fingerprints import data_fingerprints, fingerprint, model_fingerprint
+from sqsd.runs import on_main, open_run, write_json_atomic
 
 DATA_FILE = "data.jsonl"
 _LAYER = re.compile(r"\.layers\.(\d+)\.")

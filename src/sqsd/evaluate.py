@@ -30,9 +30,11 @@ import numpy as np
 from sqsd.config import EvaluateConfig, GenerateConfig, GenerationArgs, ModelArgs, to_dict
 from sqsd.data import load_records
 from sqsd.errors import SqsdError
+from sqsd.fingerprints import fingerprint, model_fingerprint
 from sqsd.generate import generate_file
 from sqsd.judges import HarmBenchJudge, KeywordJudge, LlamaGuardJudge
-from sqsd.runs import fingerprint, model_fingerprint, on_main, open_run, write_json_atomic
+from sqsd.report import read_jsonl
+from sqsd.runs import on_main, open_run, write_json_atomic
 
 CATEGORY_FIELDS = ("category", "Category", "risk_area", "SemanticCategory")
 SUMMARY_FILE = "summary.json"
@@ -102,18 +104,11 @@ def _category(meta: dict[str, Any]) -> str | None:
 def _read_jsonl(path: Path, keys: tuple[str, ...]) -> list[dict[str, Any]]:
     """The lines of a generations or judged file; a line that is not JSON or lacks `keys` is a clear error."""
     rows = []
-    # split on "\n" only: str.splitlines() would also split inside a response at U+2028 or U+0085
-    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            missing = [k for k in keys if k not in row]
-        except (ValueError, TypeError) as e:
-            missing = [f"valid JSON ({e})"]
+    for number, row in read_jsonl(path):
+        missing = [k for k in keys if k not in row]
         if missing:
-            raise SqsdError(f"{path}:{number}: not a line sqsd wrote (no {missing[0]}); fix or remove the line, or "
-                            "delete the file to have a rerun make it again")
+            raise SqsdError(f"{path}:{number}: no field {missing[0]!r}, not a line sqsd wrote; fix or remove the "
+                            "line, or delete the file to have a rerun make it again")
         rows.append(row)
     return rows
 

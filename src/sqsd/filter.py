@@ -26,7 +26,8 @@ from typing import Any
 from sqsd.config import FilterConfig, to_dict
 from sqsd.data import Record, load_records, raw_rows
 from sqsd.errors import SqsdError
-from sqsd.runs import RUN_FILE, data_fingerprints, fingerprint, on_main, open_run, write_json_atomic
+from sqsd.fingerprints import data_fingerprints, fingerprint
+from sqsd.runs import RUN_FILE, on_main, open_run, write_json_atomic
 from sqsd.score import OK, read_scores
 
 FILTER_FILE = "filter.json"

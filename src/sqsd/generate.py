@@ -43,9 +43,10 @@ from transformers import (
 from sqsd.config import GenerateConfig
 from sqsd.data import Record, load_from_config
 from sqsd.errors import SqsdError
+from sqsd.fingerprints import fingerprint
 from sqsd.model import load_model
 from sqsd.render import Collator, encode_prompt
-from sqsd.runs import fingerprint, on_main, open_run
+from sqsd.runs import on_main, open_run
 
 # Config fields that change how much is done or how fast, not what any line contains: a resume may change them.
 RESUMABLE_FIELDS = ("batch_size", "limit", "on_bad_record")
@@ -242,7 +243,7 @@ def generate(config: GenerateConfig) -> Path:
 def _generate(config: GenerateConfig) -> Path:
     if config.adapter and not Path(config.adapter).is_dir():
         raise SqsdError(f"adapter folder {config.adapter} does not exist")
-    from sqsd.runs import model_fingerprint
+    from sqsd.fingerprints import model_fingerprint
 
     loaded = load_from_config(config)
     if loaded.bad:

@@ -22,10 +22,10 @@ on rank 0 while the others wait.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import shutil
+import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,112 +34,14 @@ from typing import IO, Any, TypeVar
 from sqsd import __version__
 from sqsd.config import to_dict
 from sqsd.errors import SqsdError
+from sqsd.fingerprints import data_fingerprints, fingerprint, model_fingerprint  # noqa: F401 - what run.json records
 
 RUN_FILE = "run.json"
 LOCK_FILE = ".sqsd.lock"
 # Fields that say where the output goes or how a run is carried out, not what it computes.
 CONTROL_FIELDS = frozenset({"overwrite", "resume", "output_dir", "output"})
-# A weight file above this size is fingerprinted from its header, its size and SAMPLE_BLOCKS blocks of
-# SAMPLE_SIZE bytes at evenly spaced offsets (16 MiB read per file, however big); smaller files are hashed whole.
-SAMPLE_SIZE = 1 << 18
-SAMPLE_BLOCKS = 64
-WEIGHT_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".gguf"})
-FULL_HASH_LIMIT = 2 * SAMPLE_SIZE * SAMPLE_BLOCKS
 T = TypeVar("T")
 
-
-# --- fingerprints -----------------------------------------------------------------------------------------------
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _sampled_sha256(path: Path, size: int) -> str:
-    """Hash of a big weight file: size, safetensors header (every name, dtype, shape and offset, and the
-    metadata) and evenly spaced blocks. A change confined to bytes between the blocks goes unseen: the price of
-    not reading gigabytes on every command."""
-    digest = hashlib.sha256(f"sampled {size}\n".encode())
-    with open(path, "rb") as f:
-        if path.suffix == ".safetensors":
-            n = int.from_bytes(f.read(8), "little")
-            digest.update(f.read(n) if 0 < n <= size - 8 else b"bad header")
-        for i in range(SAMPLE_BLOCKS):
-            f.seek((size - SAMPLE_SIZE) * i // (SAMPLE_BLOCKS - 1))
-            digest.update(f.read(SAMPLE_SIZE))
-    return digest.hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    size = path.stat().st_size
-    if path.suffix in WEIGHT_SUFFIXES and size > FULL_HASH_LIMIT:
-        return _sampled_sha256(path, size)
-    return sha256_file(path)
-
-
-_CACHE: dict[tuple[Any, ...], str] = {}
-
-
-def fingerprint(path: str | os.PathLike) -> str:
-    """sha256 of a file, or of a folder's files (names and contents); a non-path (hub id) is kept as given.
-
-    Data files are hashed whole; big weight files are sampled (see `_sampled_sha256`). A result is cached for
-    the process while the files keep their size and modification time, so a command hashes each input once.
-    """
-    p = Path(path)
-    if p.is_file():
-        files = [p]
-    elif p.is_dir():
-        files = sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith("."))
-    else:
-        return f"id:{path}"
-    key = (str(p.resolve()), p.is_dir(), *((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
-    if key not in _CACHE:
-        if p.is_file():
-            _CACHE[key] = _file_sha256(p)
-        else:
-            digest = hashlib.sha256()
-            for f in files:
-                digest.update(f"{f.relative_to(p).as_posix()}:{_file_sha256(f)}\n".encode())
-            _CACHE[key] = digest.hexdigest()
-    return _CACHE[key]
-
-
-def model_fingerprint(name: str) -> str:
-    """Fingerprint of the model input: its files, or for the packaged default the pinned asset archive."""
-    from sqsd import assets
-    from sqsd.model import SMOLLM2
-
-    if name == SMOLLM2:
-        manifest = assets.read_manifest(SMOLLM2) or {}
-        return f"{SMOLLM2}:{manifest.get('archive_sha256', 'missing')}"
-    return fingerprint(name)
-
-
-def data_fingerprints(data: str) -> dict[str, str]:
-    """Fingerprints of the data input: the file, each file of a named dataset, or a hub id as given.
-
-    A held-out split (`SOURCE@eval`) is fingerprinted by its source's files plus the split name.
-    """
-    from sqsd import assets
-    from sqsd.data import SPLITS
-
-    base, _, part = data.rpartition("@")
-    if base and part in SPLITS and not Path(data).exists():
-        return {f"{key}@{part}": value for key, value in data_fingerprints(base).items()}
-
-    if Path(data).expanduser().is_file():
-        return {"data": fingerprint(Path(data).expanduser())}
-    named = assets.named_dataset(data)
-    if named is not None:
-        return {f"data:{f.name}": fingerprint(f) for f in named.files}
-    return {"data": fingerprint(data)}
-
-
-# --- the run protocol -------------------------------------------------------------------------------------------
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON via a temporary file and a rename, so a crash never leaves half a file."""
@@ -387,6 +289,45 @@ def open_run(path: str | os.PathLike, config: Any, inputs: dict[str, Any] | Call
     if run is None:
         run = Run(path, sidecar_path(path) if file else path / RUN_FILE, decision[0], decision[1], main=False)
     return run
+
+
+def last_good_checkpoint(output_dir: Path) -> tuple[str | None, list[tuple[str, str]]]:
+    """The newest Trainer checkpoint-N folder of a run that is complete, and (name, problem) of the newer ones
+    that are not (a kill while the Trainer was saving leaves files missing or cut short)."""
+    found = sorted((p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
+                   key=lambda p: int(p.name[11:]), reverse=True)
+    bad = []
+    for folder in found:
+        problem = _checkpoint_problem(folder)
+        if problem is None:
+            return str(folder), bad
+        bad.append((folder.name, problem))
+    return None, bad
+
+
+def _checkpoint_problem(folder: Path) -> str | None:
+    names = {p.name for p in folder.iterdir()}
+    for needed in ("trainer_state.json", "optimizer.pt"):
+        if needed not in names:
+            return f"no {needed}"
+    if not names & {"adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json"}:
+        return "no weights"
+    for path in sorted(folder.iterdir()):
+        try:
+            if path.suffix == ".json":
+                json.loads(path.read_text())
+            elif path.suffix == ".safetensors":
+                with open(path, "rb") as f:
+                    n = int.from_bytes(f.read(8), "little")
+                    header = json.loads(f.read(n))
+                end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+                if path.stat().st_size != 8 + n + end:
+                    return f"{path.name} is cut short"
+            elif path.suffix in (".pt", ".pth", ".bin"):
+                zipfile.ZipFile(path).close()  # torch.save writes a zip; a cut one has no central directory
+        except (ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
+            return f"{path.name} is unreadable: {e}"
+    return None
 
 
 _on_main_depth = 0

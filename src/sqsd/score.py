@@ -280,7 +280,7 @@ def output_path(config: ScoreConfig) -> Path:
 
 
 def _inputs(config: ScoreConfig) -> dict[str, str]:
-    from sqsd.runs import data_fingerprints, fingerprint, model_fingerprint
+    from sqsd.fingerprints import data_fingerprints, fingerprint, model_fingerprint
 
     _check_inputs(config)
     inputs = {"model": model_fingerprint(config.model), **data_fingerprints(config.data)}
@@ -306,7 +306,7 @@ def load_terms(config: ScoreConfig, model: Any, base_fp: str | None = None) -> t
     from peft import PeftModel
 
     from sqsd import directions as D
-    from sqsd.runs import model_fingerprint
+    from sqsd.fingerprints import model_fingerprint
 
     base_fp = base_fp or model_fingerprint(config.model)
     wanted = [term for term in TERMS if getattr(config, term)]

@@ -32,7 +32,8 @@ import torch
 from sqsd.config import EvaluateConfig, SteerConfig
 from sqsd.directions import Direction, check, load
 from sqsd.errors import SqsdError
-from sqsd.runs import fingerprint, model_fingerprint, on_main, open_run
+from sqsd.fingerprints import fingerprint, model_fingerprint
+from sqsd.runs import on_main, open_run
 
 TABLE = "steering"
 FIELDS = ("direction", "kind", "alpha", "scaling", "asr", "ci_low", "ci_high", "over_refusal", "n")

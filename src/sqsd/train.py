@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,13 +48,13 @@ from transformers import (
     set_seed,
 )
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from sqsd.config import TrainConfig
 from sqsd.data import Record
 from sqsd.errors import SqsdError
+from sqsd.fingerprints import data_fingerprints, model_fingerprint
 from sqsd.render import Collator, encode_records
-from sqsd.runs import broadcast, data_fingerprints, model_fingerprint, open_run
+from sqsd.runs import broadcast, last_good_checkpoint, open_run
 
 LOG_FILE = "train_log.jsonl"
 SKIPPED_FILE = "skipped.jsonl"
@@ -342,45 +341,6 @@ def _decide(found: str, output_dir: Path, config: TrainConfig) -> str:
         raise SqsdError(f"--resume: the run in {output_dir} saved no complete checkpoint; rerun without --resume "
                         "to start it again")
     return "fresh"
-
-
-def last_good_checkpoint(output_dir: Path) -> tuple[str | None, list[tuple[str, str]]]:
-    """The newest checkpoint-N folder that is complete, and (name, problem) of the newer ones that are not (a
-    kill while the Trainer was saving leaves files missing or cut short)."""
-    found = sorted((p for p in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir()
-                    and p.name.rsplit("-", 1)[1].isdigit()), key=lambda p: _checkpoint_step(str(p)), reverse=True)
-    bad = []
-    for folder in found:
-        problem = _checkpoint_problem(folder)
-        if problem is None:
-            return str(folder), bad
-        bad.append((folder.name, problem))
-    return None, bad
-
-
-def _checkpoint_problem(folder: Path) -> str | None:
-    names = {p.name for p in folder.iterdir()}
-    for needed in ("trainer_state.json", "optimizer.pt"):
-        if needed not in names:
-            return f"no {needed}"
-    if not names & {"adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json"}:
-        return "no weights"
-    for path in sorted(folder.iterdir()):
-        try:
-            if path.suffix == ".json":
-                json.loads(path.read_text())
-            elif path.suffix == ".safetensors":
-                with open(path, "rb") as f:
-                    n = int.from_bytes(f.read(8), "little")
-                    header = json.loads(f.read(n))
-                end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-                if path.stat().st_size != 8 + n + end:
-                    return f"{path.name} is cut short"
-            elif path.suffix in (".pt", ".pth", ".bin"):
-                zipfile.ZipFile(path).close()  # torch.save writes a zip; a cut one has no central directory
-        except (ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
-            return f"{path.name} is unreadable: {e}"
-    return None
 
 
 def _write_skipped(path: Path, records: Sequence[Record], skipped: Sequence[tuple[int, str]]) -> None:
