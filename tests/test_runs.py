@@ -114,6 +114,8 @@ def test_output_paths_of_the_wrong_kind_name_the_flag(tmp_path):
         open_run(tmp_path, cfg(), {}, file=True)
     with pytest.raises(SqsdError, match="--output-dir .*a parent of it is a file"):
         open_run(tmp_path / "f" / "sub", cfg(), {})
+    with pytest.raises(SqsdError, match="--output .*f/x.jsonl: a parent of it is a file"):
+        open_run(tmp_path / "f" / "x.jsonl", cfg(), {}, file=True)
 
 
 def test_a_file_output_uses_a_sidecar_and_refuses_a_file_sqsd_did_not_make(tmp_path):

@@ -162,14 +162,32 @@ def _refusal(flag: str, path: Path, diff: list[str]) -> SqsdError:
                      + f"); pass --overwrite to replace it (removing what that run wrote), or choose another {flag}")
 
 
-def _claim_folder(folder: Path, record: dict[str, Any], overwrite: bool, keep: tuple[Path, ...], flag: str,
-                  ignore: tuple[str, ...]) -> Run:
+def output_folder(folder: Path, flag: str) -> Path:
+    """Create the output folder `folder` (given by `flag`), or say clearly why it cannot be one."""
     if folder.exists() and not folder.is_dir():
         raise SqsdError(f"{flag} {folder}: is a file, not a folder; choose another {flag}")
+    return _mkdir(folder, flag, folder)
+
+
+def output_file(output: Path, flag: str) -> Path:
+    """Create the folder of the output file `output` (given by `flag`), or say clearly why it cannot be one."""
+    if output.is_dir():
+        raise SqsdError(f"{flag} {output}: is a folder, not a file; name a file")
+    _mkdir(output.parent, flag, output)
+    return output
+
+
+def _mkdir(folder: Path, flag: str, named: Path) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        raise SqsdError(f"{flag} {folder}: a parent of it is a file, not a folder") from None
+        raise SqsdError(f"{flag} {named}: a parent of it is a file, not a folder") from None
+    return folder
+
+
+def _claim_folder(folder: Path, record: dict[str, Any], overwrite: bool, keep: tuple[Path, ...], flag: str,
+                  ignore: tuple[str, ...]) -> Run:
+    output_folder(folder, flag)
     run_file = folder / RUN_FILE
     if not run_file.exists() and _entries(folder):
         raise SqsdError(f"{flag} {folder}: the folder is not empty and was not made by sqsd (no {RUN_FILE}); "
@@ -223,12 +241,7 @@ def sidecar_path(output: Path) -> Path:
 
 
 def _claim_file(output: Path, record: dict[str, Any], overwrite: bool, flag: str, ignore: tuple[str, ...]) -> Run:
-    if output.is_dir():
-        raise SqsdError(f"{flag} {output}: is a folder, not a file; name a file")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise SqsdError(f"{flag} {output}: a parent of it is a file, not a folder") from None
+    output_file(output, flag)
     sidecar = sidecar_path(output)
     run = Run(output, sidecar, "fresh", record, lock=_lock(output.with_name(f".{output.name}.lock"), output, flag))
     try:
