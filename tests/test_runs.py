@@ -84,7 +84,8 @@ def test_overwrite_never_deletes_an_input_of_the_command(tmp_path):
     with open_run(out, cfg(), {}):
         (out / "scores.jsonl").write_text("{}\n")
     with pytest.raises(SqsdError, match="would delete .*scores.jsonl, an input of this command"):
-        open_run(out, cfg(learning_rate=1.0), {}, overwrite=True, keep=(str(out / "scores.jsonl"),))
+        open_run(out, TrainConfig(data=str(out / "scores.jsonl"), output_dir="o", seed=1), {}, overwrite=True,
+                 input_fields=("data",))
     assert (out / "scores.jsonl").read_text() == "{}\n"
 
 
@@ -216,3 +217,22 @@ def test_data_fingerprints_hash_files_named_datasets_and_splits(tmp_path):
     split = data_fingerprints(str(tmp_path / "d.jsonl") + "@eval")
     assert split == {"data@eval": fingerprint(tmp_path / "d.jsonl")}
     assert data_fingerprints("org/dataset") == {"data": "id:org/dataset"}
+
+
+def test_an_input_is_compared_by_its_fingerprint_not_by_how_its_path_is_spelt(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.jsonl").write_text("{}\n")
+    with open_run("o", TrainConfig(data="d.jsonl", output_dir="o"), {"data": "abc"}, input_fields=("data",)) as run:
+        run.finish({})
+    (tmp_path / "moved").mkdir()
+    os.rename(tmp_path / "d.jsonl", tmp_path / "moved" / "d.jsonl")  # same content, so the same fingerprint
+    moved = TrainConfig(data="moved/d.jsonl", output_dir="o")
+    with open_run("o", moved, {"data": "abc"}, input_fields=("data",)) as run:
+        assert run.state == "done"
+    with pytest.raises(SqsdError, match="inputs.data: 'abc' -> 'xyz'"):  # new content is a new input
+        open_run("o", moved, {"data": "xyz"}, input_fields=("data",))
+    # a field that is not fingerprinted is still compared, but two spellings of one path are the same
+    with open_run("p", TrainConfig(data="moved/d.jsonl", output_dir="p"), {}) as run:
+        run.finish({})
+    with open_run("p", TrainConfig(data=str(tmp_path / "moved" / "d.jsonl"), output_dir="p"), {}) as run:
+        assert run.state == "done"

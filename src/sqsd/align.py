@@ -89,7 +89,7 @@ def align(config: AlignConfig) -> Path:
     state = PartialState(cpu=config.device == "cpu")
     out = Path(config.output_dir)
     with open_run(out, config, lambda: {"model": model_fingerprint(config.model)}, overwrite=config.overwrite,
-                  state=state, keep=(config.model,)) as run:
+                  state=state, input_fields=("model",)) as run:
         if run.state == "done":
             if state.is_main_process:
                 print(f"already done: aligned model in {out / MODEL_DIR}")

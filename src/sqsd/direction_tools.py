@@ -62,7 +62,7 @@ def _directions_data(config: DirectionsDataConfig) -> Path:
         found = {f"{src}:{k}": v for src in config.prompts for k, v in data_fingerprints(src).items()}
         return {**found, "model": model_fingerprint(config.model)} if config.kind == "danger" else found
 
-    with open_run(out, config, inputs, overwrite=config.overwrite, keep=(*config.prompts, config.model)) as run:
+    with open_run(out, config, inputs, overwrite=config.overwrite, input_fields=("prompts", "model")) as run:
         if run.state == "done":
             print(f"already done: {out / DATA_FILE}")
             return out / DATA_FILE
@@ -117,12 +117,12 @@ def build(config: DirectionsBuildConfig) -> Path:
 
 
 def _write_direction(config: DirectionsBuildConfig) -> Path:
-    from sqsd.train import train_inputs
+    from sqsd.train import TRAIN_INPUT_FIELDS, train_inputs
 
     out = Path(config.output_dir)
     target = out / f"{config.kind}.safetensors"
     # the finished training run, claimed again (same config and inputs) so the lock covers the file written here
-    with open_run(out, config, lambda: train_inputs(config), keep=(config.data, config.model)) as run:
+    with open_run(out, config, lambda: train_inputs(config), input_fields=TRAIN_INPUT_FIELDS) as run:
         if target.exists():  # written after training; a changed config was refused or wiped by train
             print(f"already done: {target}")
             return target
@@ -163,7 +163,8 @@ def _import_direction(config: DirectionsImportConfig) -> Path:
     def inputs() -> dict[str, str | None]:
         return {"source": fingerprint(config.source), "base": model_fingerprint(base) if base else None}
 
-    with open_run(target, config, inputs, overwrite=config.overwrite, file=True) as run:
+    with open_run(target, config, inputs, input_fields=("source", "base", "model"), overwrite=config.overwrite,
+                  file=True) as run:
         if run.state == "done":
             print(f"already done: {target}")
             return target

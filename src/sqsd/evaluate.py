@@ -170,7 +170,7 @@ def _evaluate(config: EvaluateConfig, get_model: Callable[[], tuple[Any, Any]] |
                 "adapter": fingerprint(config.adapter) if config.adapter else None, **extra_inputs}
 
     with open_run(out, config, inputs, overwrite=config.overwrite, ignore=RESUMABLE_FIELDS,
-                  keep=(config.model, config.adapter, config.harmful, config.benign)) as run:
+                  input_fields=("model", "adapter")) as run:
         summary = _evaluate_in(config, out, run.inputs, get_model)
         run.finish({"summary": SUMMARY_FILE})
     _print_summary(summary, config.judge)

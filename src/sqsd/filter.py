@@ -136,7 +136,7 @@ def _filter_scores(config: FilterConfig) -> Path:
 
     out = Path(config.output_dir)
     inputs = lambda: {"scores": fingerprint(scores), **data_fingerprints(data)}  # noqa: E731
-    with open_run(out, config, inputs, overwrite=config.overwrite, keep=(config.scores, data)) as run:
+    with open_run(out, config, inputs, overwrite=config.overwrite, input_fields=("scores", "data")) as run:
         raw = raw_rows(data, _scored_config(scores).get("split", "train"))
         positions = {r["index"]: pos for pos, r in enumerate(ranked)}
         summary: dict[str, Any] = {}

@@ -272,7 +272,8 @@ def generate_file(config: GenerateConfig, records: Sequence[Record], inputs: dic
     """
     output = Path(config.output)
     ignore = RESUMABLE_FIELDS + (() if config.do_sample else SAMPLING_FIELDS)
-    with open_run(output, config, inputs, overwrite=config.overwrite, file=True, ignore=ignore) as run:
+    with open_run(output, config, inputs, input_fields=("model", "adapter"), ignore=ignore,
+                  overwrite=config.overwrite, file=True) as run:
         if run.state == "fresh":
             output.touch()
         done = read_done(output)

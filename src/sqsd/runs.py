@@ -63,23 +63,34 @@ def read_record(path: Path) -> dict[str, Any]:
     return record
 
 
-def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "",
-                 ignore: Iterable[str] = ()) -> list[str]:
-    skip = CONTROL_FIELDS | set(ignore)
+def _differences(old: dict[str, Any], new: dict[str, Any], skip: Iterable[str] = (),
+                 prefix: str = "config.") -> list[str]:
     out = []
     for key in sorted(set(old) | set(new)):
-        if key in skip:
-            continue
         a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{key}.", ignore)
-        elif a != b:
+        if key not in skip and a != b and not _same_path(a, b):
             out.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return out
 
 
-def _compared(record: dict[str, Any]) -> dict[str, Any]:
-    return {"config": record.get("config", {}), "inputs": record.get("inputs", {})}
+def _same_path(a: Any, b: Any) -> bool:
+    """Two spellings of one existing file or folder (`./d.jsonl`, `d.jsonl`, an absolute path)."""
+    try:
+        return isinstance(a, str) and isinstance(b, str) and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _compare(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...],
+             fingerprinted: tuple[str, ...]) -> str | list[str]:
+    """"done" or "resume" when `old` is a run of the same config and inputs, else the differences."""
+    skip = CONTROL_FIELDS | set(fingerprinted)
+    before = old.get("config", {})
+    diff = (_differences(before, new["config"], skip | set(ignore))
+            + _differences(old.get("inputs", {}), new["inputs"], prefix="inputs."))
+    if diff:
+        return diff
+    return "done" if "result" in old and not _differences(before, new["config"], skip) else "resume"
 
 
 @dataclass
@@ -186,7 +197,7 @@ def _mkdir(folder: Path, flag: str, named: Path) -> Path:
 
 
 def _claim_folder(folder: Path, record: dict[str, Any], overwrite: bool, keep: tuple[Path, ...], flag: str,
-                  ignore: tuple[str, ...]) -> Run:
+                  ignore: tuple[str, ...], fingerprinted: tuple[str, ...]) -> Run:
     output_folder(folder, flag)
     run_file = folder / RUN_FILE
     if not run_file.exists() and _entries(folder):
@@ -196,10 +207,9 @@ def _claim_folder(folder: Path, record: dict[str, Any], overwrite: bool, keep: t
     try:
         if run_file.exists():
             old = read_record(run_file)
-            diff = _differences(_compared(old), _compared(record), ignore=ignore)
-            if not diff:
-                same = not _differences(_compared(old), _compared(record))
-                run.state = "done" if same and "result" in old else "resume"
+            diff = _compare(old, record, ignore, fingerprinted)
+            if isinstance(diff, str):
+                run.state = diff
                 run.record["files"] = old.get("files", [])
                 if run.state == "done":
                     run.record = old
@@ -240,7 +250,8 @@ def sidecar_path(output: Path) -> Path:
     return output.with_name(output.name + ".run.json")
 
 
-def _claim_file(output: Path, record: dict[str, Any], overwrite: bool, flag: str, ignore: tuple[str, ...]) -> Run:
+def _claim_file(output: Path, record: dict[str, Any], overwrite: bool, flag: str, ignore: tuple[str, ...],
+                fingerprinted: tuple[str, ...]) -> Run:
     output_file(output, flag)
     sidecar = sidecar_path(output)
     run = Run(output, sidecar, "fresh", record, lock=_lock(output.with_name(f".{output.name}.lock"), output, flag))
@@ -250,10 +261,9 @@ def _claim_file(output: Path, record: dict[str, Any], overwrite: bool, flag: str
                 raise SqsdError(f"{flag} {output} exists but has no {sidecar.name}, so it was not made by sqsd; "
                                 f"choose another {flag}, or move the file away")
             old = read_record(sidecar)
-            diff = _differences(_compared(old), _compared(record), ignore=ignore)
-            if not diff:
-                same = not _differences(_compared(old), _compared(record))
-                run.state = "done" if same and "result" in old else "resume"
+            diff = _compare(old, record, ignore, fingerprinted)
+            if isinstance(diff, str):
+                run.state = diff
                 if run.state == "done":
                     run.record = old
                 else:
@@ -270,14 +280,16 @@ def _claim_file(output: Path, record: dict[str, Any], overwrite: bool, flag: str
 
 
 def open_run(path: str | os.PathLike, config: Any, inputs: dict[str, Any] | Callable[[], dict[str, Any]], *,
-             overwrite: bool = False, state: Any = None, keep: Iterable[str | None] = (), file: bool = False,
-             ignore: tuple[str, ...] = (), flag: str | None = None) -> Run:
+             input_fields: tuple[str, ...] = (), ignore: tuple[str, ...] = (), overwrite: bool = False,
+             state: Any = None, file: bool = False, flag: str | None = None) -> Run:
     """Claim `path` for a run of `config` on `inputs` (name -> fingerprint; a callable is called on rank 0 only).
 
-    `keep`: the command's input paths, never removed by `overwrite`. `ignore`: config fields that may change
-    between a run and its resume (how much is done, how fast); a run is "done" only when they match too.
-    `state`: an accelerate PartialState under a launcher (rank 0 decides, the others get its decision; only
-    rank 0 holds the lock and writes). `flag` names the output in messages.
+    `input_fields`: the config fields that name the inputs fingerprinted in `inputs`; they are compared by those
+    fingerprints, not by how the path is spelt (a moved input is the same input), and `overwrite` never removes
+    what they name. `ignore`: config fields that may change between a run and its resume (how much is done, how
+    fast); a run is "done" only when they match too. `state`: an accelerate PartialState under a launcher (rank
+    0 decides, the others get its decision; only rank 0 holds the lock and writes). `flag` names the output in
+    messages.
     """
     path = Path(path)
     flag = flag or ("--output" if file else "--output-dir")
@@ -289,10 +301,12 @@ def open_run(path: str | os.PathLike, config: Any, inputs: dict[str, Any] | Call
             record = {"config": to_dict(config), "inputs": inputs() if callable(inputs) else inputs,
                       "sqsd_version": __version__}
             if file:
-                run = _claim_file(path, record, overwrite, flag, ignore)
+                run = _claim_file(path, record, overwrite, flag, ignore, input_fields)
             else:
-                kept = tuple(Path(k).resolve() for k in keep if k and Path(k).exists())
-                run = _claim_folder(path, record, overwrite, kept, flag, ignore)
+                named = [getattr(config, f) for f in input_fields]
+                paths = [p for v in named for p in (v if isinstance(v, (tuple, list)) else [v]) if isinstance(p, str)]
+                kept = tuple(Path(p).resolve() for p in paths if Path(p).exists())
+                run = _claim_folder(path, record, overwrite, kept, flag, ignore, input_fields)
             decision = (run.state, run.record)
         except SqsdError as e:
             decision = e

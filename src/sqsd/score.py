@@ -51,6 +51,8 @@ from sqsd.scoring import project
 TERMS = ("danger", "safety")
 COLUMNS = ("index", "id", "danger", "safety", "risk", "risk_z", "n_response_tokens", "loss", "status")
 CHUNKS_DIR = "chunks"
+# The config fields that name the inputs `_inputs` fingerprints (compared by content, not by path).
+INPUT_FIELDS = ("data", "model", "danger", "safety", "danger_anchor", "safety_anchor")
 OK = "ok"
 
 
@@ -337,10 +339,8 @@ def score(config: ScoreConfig) -> Path:
     Under a launcher rank 0 claims the folder (`runs.open_run`) and every rank gets its decision."""
     state = PartialState(cpu=config.device == "cpu")
     output = output_path(config)
-    keep = (config.data, config.model, *(getattr(config, k) for k in
-                                         ("danger", "safety", "danger_anchor", "safety_anchor")))
     with open_run(config.output_dir, config, lambda: _inputs(config), overwrite=config.overwrite, state=state,
-                  keep=keep) as run:
+                  input_fields=INPUT_FIELDS) as run:
         if run.state == "done":
             if state.is_main_process:
                 print(f"already done: {output} holds the scores of this config; pass another --output-dir (or "

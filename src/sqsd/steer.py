@@ -121,7 +121,7 @@ def _steer(config: SteerConfig) -> list[dict[str, Any]]:
     directions = {path: load(path) for path in config.directions}
     # the grid may grow (more directions or alphas): each (direction, alpha) folder checks its own inputs
     with open_run(out, config, lambda: {"model": model_fingerprint(config.model)}, overwrite=config.overwrite,
-                  ignore=("directions", "alphas"), keep=(config.model, *config.directions)) as run:
+                  input_fields=("model", "directions"), ignore=("alphas",)) as run:
         base = _Base(config, directions, run.inputs["model"])
         rows: list[dict[str, Any]] = []
         for name, path in zip(names, config.directions):

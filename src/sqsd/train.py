@@ -60,6 +60,7 @@ LOG_FILE = "train_log.jsonl"
 SKIPPED_FILE = "skipped.jsonl"
 MERGED_DIR = "merged"
 LOGGED = ("loss", "learning_rate", "grad_norm")
+TRAIN_INPUT_FIELDS = ("data", "model")  # the config fields `train_inputs` fingerprints
 
 
 @dataclass
@@ -261,7 +262,7 @@ def train(config: TrainConfig) -> Path:
     output_dir = Path(config.output_dir)
     loaded = load_from_config(config)
     with open_run(output_dir, config, lambda: train_inputs(config), overwrite=config.overwrite, state=state,
-                  keep=(config.data, config.model)) as run:
+                  input_fields=TRAIN_INPUT_FIELDS) as run:
         decision: Any = None
         if state.is_main_process:
             try:
