@@ -141,3 +141,14 @@ def test_overwrite_into_the_scores_own_folder_never_deletes_the_scores(scored):
         run(scores, scores.parent, drop_top=1, overwrite=True)
     assert scores.read_bytes() == before and (scores.parent / "run.json").exists()
     assert data.exists()
+
+
+def test_an_output_dir_that_is_a_file_is_one_clear_line(scored, tmp_path, capsys):
+    from sqsd.cli import main
+
+    scores, data, _ = scored
+    (tmp_path / "taken").write_text("mine")
+    assert main(["filter", str(scores), "--output-dir", str(tmp_path / "taken"), "--drop-top", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--output-dir" in err and "is a file, not a folder" in err and "Traceback" not in err
+    assert (tmp_path / "taken").read_text() == "mine"

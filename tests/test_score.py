@@ -308,3 +308,16 @@ def test_a_second_command_scoring_the_same_folder_refuses(files, tmp_path, monke
     (tmp_path / "file").write_text("")
     with pytest.raises(SqsdError, match="--output-dir .*file: is a file, not a folder"):
         S.score(config(files, tmp_path / "file"))
+
+
+def test_each_input_file_is_hashed_once_per_command(files, tmp_path, monkeypatch):
+    import sqsd.fingerprints as F
+
+    monkeypatch.setattr(F, "_CACHE", {})
+    hashed = []
+    real = F._file_sha256
+    monkeypatch.setattr(F, "_file_sha256", lambda path: hashed.append(path) or real(path))
+    S.score(config(files, tmp_path / "run"))
+    model_files = sorted(p for p in files.model.iterdir() if p.is_file())
+    assert sorted(p for p in hashed if p.parent == files.model) == model_files  # once each, not twice
+    assert len(hashed) == len(set(hashed))
