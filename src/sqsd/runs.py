@@ -8,8 +8,8 @@
 A run with a different config or different inputs refuses unless `overwrite`, which then removes only what sqsd
 wrote there (the manifest `files` of run.json), never an input of the command; a non-empty folder without
 run.json (or a file without its sidecar) was not made by sqsd and is always refused. Fields that say where the
-output goes or how a run proceeds (CONTROL_FIELDS) are not compared, so the same folder spelt another way, or
-moved, is the same run.
+output goes or how a run proceeds (CONTROL_FIELDS) are not compared, and inputs are compared by their
+fingerprints, not by their paths, so the same folder or input spelt another way, or moved, is the same run.
 
 While a command writes, it holds a lock (`fcntl.flock` on `.sqsd.lock` in the folder, `.<name>.lock` beside a
 file): a second command into the same place refuses at once instead of redoing or duplicating the work.
@@ -82,9 +82,9 @@ def _same_path(a: Any, b: Any) -> bool:
 
 
 def _compare(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...],
-             fingerprinted: tuple[str, ...]) -> str | list[str]:
+             input_fields: tuple[str, ...]) -> str | list[str]:
     """"done" or "resume" when `old` is a run of the same config and inputs, else the differences."""
-    skip = CONTROL_FIELDS | set(fingerprinted)
+    skip = CONTROL_FIELDS | set(input_fields)
     before = old.get("config", {})
     diff = (_differences(before, new["config"], skip | set(ignore))
             + _differences(old.get("inputs", {}), new["inputs"], prefix="inputs."))
@@ -197,7 +197,7 @@ def _mkdir(folder: Path, flag: str, named: Path) -> Path:
 
 
 def _claim_folder(folder: Path, record: dict[str, Any], overwrite: bool, keep: tuple[Path, ...], flag: str,
-                  ignore: tuple[str, ...], fingerprinted: tuple[str, ...]) -> Run:
+                  ignore: tuple[str, ...], input_fields: tuple[str, ...]) -> Run:
     output_folder(folder, flag)
     run_file = folder / RUN_FILE
     if not run_file.exists() and _entries(folder):
@@ -207,14 +207,14 @@ def _claim_folder(folder: Path, record: dict[str, Any], overwrite: bool, keep: t
     try:
         if run_file.exists():
             old = read_record(run_file)
-            diff = _compare(old, record, ignore, fingerprinted)
+            diff = _compare(old, record, ignore, input_fields)
             if isinstance(diff, str):
                 run.state = diff
-                run.record["files"] = old.get("files", [])
-                if run.state == "done":
+                if diff == "done":
                     run.record = old
-                else:
-                    run._save()  # the new record, and what a killed run wrote added to the manifest
+                else:  # the new record, with what a killed run wrote added to the manifest
+                    run.record["files"] = old.get("files", [])
+                    run._save()
                 return run
             if not overwrite:
                 raise _refusal(flag, folder, diff)
@@ -251,7 +251,7 @@ def sidecar_path(output: Path) -> Path:
 
 
 def _claim_file(output: Path, record: dict[str, Any], overwrite: bool, flag: str, ignore: tuple[str, ...],
-                fingerprinted: tuple[str, ...]) -> Run:
+                input_fields: tuple[str, ...]) -> Run:
     output_file(output, flag)
     sidecar = sidecar_path(output)
     run = Run(output, sidecar, "fresh", record, lock=_lock(output.with_name(f".{output.name}.lock"), output, flag))
@@ -261,10 +261,10 @@ def _claim_file(output: Path, record: dict[str, Any], overwrite: bool, flag: str
                 raise SqsdError(f"{flag} {output} exists but has no {sidecar.name}, so it was not made by sqsd; "
                                 f"choose another {flag}, or move the file away")
             old = read_record(sidecar)
-            diff = _compare(old, record, ignore, fingerprinted)
+            diff = _compare(old, record, ignore, input_fields)
             if isinstance(diff, str):
                 run.state = diff
-                if run.state == "done":
+                if diff == "done":
                     run.record = old
                 else:
                     run._save()
