@@ -321,3 +321,13 @@ def test_each_input_file_is_hashed_once_per_command(files, tmp_path, monkeypatch
     model_files = sorted(p for p in files.model.iterdir() if p.is_file())
     assert sorted(p for p in hashed if p.parent == files.model) == model_files  # once each, not twice
     assert len(hashed) == len(set(hashed))
+
+
+def test_a_cut_scores_file_names_itself_and_a_rerun_merges_it_again(files, tmp_path):
+    out = S.score(config(files, tmp_path / "run"))
+    whole = out.read_bytes()
+    out.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(SqsdError, match=r"scores.parquet is not a readable Parquet file .*delete it and rerun"):
+        S.read_scores(out)
+    out.unlink()
+    assert S.score(config(files, tmp_path / "run")) == out and out.read_bytes() == whole

@@ -216,9 +216,14 @@ def read_scores(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise SqsdError(f"scores file {path} does not exist")
     if path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return pq.read_table(str(path)).to_pylist()
+        try:
+            return pq.read_table(str(path)).to_pylist()
+        except (pa.ArrowException, OSError) as e:
+            raise SqsdError(f"{path} is not a readable Parquet file ({e}); if `sqsd score` wrote it, delete it and "
+                            f"rerun the same command: it is merged again from {CHUNKS_DIR}/") from None
     rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
         if line.strip():
@@ -341,7 +346,7 @@ def score(config: ScoreConfig) -> Path:
     output = output_path(config)
     with open_run(config.output_dir, config, lambda: _inputs(config), overwrite=config.overwrite, state=state,
                   input_fields=INPUT_FIELDS) as run:
-        if run.state == "done":
+        if run.state == "done" and output.is_file():  # a deleted scores file is merged again from the chunks
             if state.is_main_process:
                 print(f"already done: {output} holds the scores of this config; pass another --output-dir (or "
                       "--overwrite) to score again")
