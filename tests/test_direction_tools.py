@@ -67,6 +67,10 @@ def test_build_writes_the_adapter_as_direction_and_import_gives_the_same(tmp_pat
     capsys.readouterr()
     build(_build_config(out, model_dir, data, save_at=(2,)))
     assert "already done" in capsys.readouterr().out
+    # --overwrite with another config trains again and replaces the direction file (sqsd wrote it)
+    again = D.load(build(_build_config(out, model_dir, data, save_at=(2,), seed=7, overwrite=True)))
+    assert again.meta["train_config"]["seed"] == 7 and json.loads((out / "run.json").read_text())["config"]["seed"] == 7
+    assert not torch.equal(again.modules[name].B, direction.modules[name].B)
     early = D.load(build(_build_config(tmp_path / "early", model_dir, data, save_at=(2,), step=2)))
     assert early.meta["step"] == 2
     ckpt = D.lora_factors(load_file(str(tmp_path / "early" / "checkpoint-2" / "adapter_model.safetensors")))

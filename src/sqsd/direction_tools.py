@@ -108,7 +108,8 @@ def build(config: DirectionsBuildConfig) -> Path:
     """Train the adapter (resumable, reused when done) and write OUTPUT_DIR/KIND.safetensors.
 
     The file is named by its kind because the stem names the direction in trajectories and steering tables.
-    Under a launcher every rank trains (`train`), then rank 0 alone writes the file while the others wait.
+    The training run's `result` in run.json records the file once written (the run's "done" marker). Under a
+    launcher every rank trains (`train`), then rank 0 alone writes the file while the others wait.
     """
     from sqsd.train import train
 
@@ -123,16 +124,18 @@ def _write_direction(config: DirectionsBuildConfig) -> Path:
     target = out / f"{config.kind}.safetensors"
     # the finished training run, claimed again (same config and inputs) so the lock covers the file written here
     with open_run(out, config, lambda: train_inputs(config), input_fields=TRAIN_INPUT_FIELDS) as run:
-        if target.exists():  # written after training; a changed config was refused or wiped by train
+        result = run.result or {}
+        if result.get("direction") == target.name and target.exists():
             print(f"already done: {target}")
             return target
         source = out if config.step is None else out / f"checkpoint-{config.step}"
         direction = D.from_adapter(source, config.kind)
         inputs = dict(run.inputs)
         meta = {**direction.meta, "base_fingerprint": inputs.pop("model"), "base_model": config.model,
-                "step": config.step if config.step is not None else (run.result or {})["steps"],
+                "step": config.step if config.step is not None else result["steps"],
                 "train_config": to_dict(config), "data": inputs}
         D.save(dataclasses.replace(direction, meta=meta), target)
+        run.finish({**result, "direction": target.name})  # also lists the file as sqsd's, for --overwrite
     print(f"{config.kind} direction: {target} ({len(direction.modules)} modules, step {meta['step']})")
     return target
 
