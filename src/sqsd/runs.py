@@ -362,13 +362,14 @@ _on_main_depth = 0
 
 def on_main(fn: Callable[[], T], device: str = "cpu") -> T:
     """Run a command that writes files on rank 0 only: under a launcher the other ranks wait for it and return
-    its result (or raise its error), so N processes never write the same output N times."""
+    its result (or raise its error), so N processes never write the same output N times. A single process (no
+    launcher's WORLD_SIZE) just runs it, without setting up accelerate's state."""
+    global _on_main_depth
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or _on_main_depth:  # or inside another on_main: on rank 0
+        return fn()
     from accelerate import PartialState
 
-    global _on_main_depth
     state = PartialState(cpu=device == "cpu")
-    if not state.use_distributed or _on_main_depth:  # inside another on_main: already on rank 0 alone
-        return fn()
     out: Any = None
     if state.is_main_process:
         _on_main_depth += 1
