@@ -167,10 +167,27 @@ def _lock(path: Path, what: Path, flag: str) -> IO:
     return handle
 
 
-def _refusal(flag: str, path: Path, diff: list[str]) -> SqsdError:
-    return SqsdError(f"{flag} {path} holds a run made with a different config or inputs ("
-                     + "; ".join(diff[:5]) + ("; ..." if len(diff) > 5 else "")
-                     + f"); pass --overwrite to replace it (removing what that run wrote), or choose another {flag}")
+def _reuse(run: Run, old: dict[str, Any], overwrite: bool, flag: str, ignore: tuple[str, ...],
+           input_fields: tuple[str, ...]) -> bool:
+    """True when `old` (the record found) is a run of the same config and inputs: `run` continues it ("resume",
+    with what a killed run wrote added to the manifest) or takes its record ("done"). False when it is another
+    run and `overwrite` is set (the caller removes it); otherwise a refusal naming the differences."""
+    diff = _compare(old, run.record, ignore, input_fields)
+    if isinstance(diff, list):
+        if overwrite:
+            return False
+        raise SqsdError(f"{flag} {run.path} holds a run made with a different config or inputs ("
+                        + "; ".join(diff[:5]) + ("; ..." if len(diff) > 5 else "")
+                        + f"); pass --overwrite to replace it (removing what that run wrote), or choose another "
+                        f"{flag}")
+    run.state = diff
+    if diff == "done":
+        run.record = old
+    else:
+        if "files" in old:
+            run.record["files"] = old["files"]
+        run._save()
+    return True
 
 
 def output_folder(folder: Path, flag: str) -> Path:
@@ -207,17 +224,8 @@ def _claim_folder(folder: Path, record: dict[str, Any], overwrite: bool, keep: t
     try:
         if run_file.exists():
             old = read_record(run_file)
-            diff = _compare(old, record, ignore, input_fields)
-            if isinstance(diff, str):
-                run.state = diff
-                if diff == "done":
-                    run.record = old
-                else:  # the new record, with what a killed run wrote added to the manifest
-                    run.record["files"] = old.get("files", [])
-                    run._save()
+            if _reuse(run, old, overwrite, flag, ignore, input_fields):
                 return run
-            if not overwrite:
-                raise _refusal(flag, folder, diff)
             _clear(folder, old, keep)
         run.record["files"] = []
         run._save()
@@ -260,17 +268,8 @@ def _claim_file(output: Path, record: dict[str, Any], overwrite: bool, flag: str
             if not sidecar.exists():
                 raise SqsdError(f"{flag} {output} exists but has no {sidecar.name}, so it was not made by sqsd; "
                                 f"choose another {flag}, or move the file away")
-            old = read_record(sidecar)
-            diff = _compare(old, record, ignore, input_fields)
-            if isinstance(diff, str):
-                run.state = diff
-                if diff == "done":
-                    run.record = old
-                else:
-                    run._save()
+            if _reuse(run, read_record(sidecar), overwrite, flag, ignore, input_fields):
                 return run
-            if not overwrite:
-                raise _refusal(flag, output, diff)
             output.unlink()
         run._save()
         return run
