@@ -70,6 +70,10 @@ def test_build_writes_the_adapter_as_direction_and_import_gives_the_same(tmp_pat
     with pytest.raises(SqsdError, match="built with a different config.*--overwrite"):  # another --step, same run
         build(_build_config(out, model_dir, data, save_at=(2,), step=2))
     assert directions.load(path).meta["step"] == 3
+    # --overwrite with another config trains again and replaces the direction file (sqsd wrote it)
+    again = directions.load(build(_build_config(out, model_dir, data, save_at=(2,), seed=7, overwrite=True)))
+    assert again.meta["train_config"]["seed"] == 7 and json.loads((out / "run.json").read_text())["config"]["seed"] == 7
+    assert not torch.equal(again.modules[name].B, direction.modules[name].B)
     early = directions.load(build(_build_config(tmp_path / "early", model_dir, data, save_at=(2,), step=2)))
     assert early.meta["step"] == 2
     # the source adapter is recorded, so `score` can tell whether a safety anchor is this very checkpoint
@@ -110,9 +114,14 @@ def test_dense_import_is_the_weight_difference_of_chosen_modules_and_layers(tmp_
     everything = directions.load(import_direction(DirectionsImportConfig(source=str(tmp_path / "tuned"), base=str(tmp_path / "base"),
                                                                 output=str(tmp_path / "all.safetensors"))))
     assert len(everything.modules) == 2 * 7  # every 2-D weight inside the layers; no embedding, no LM head
-    with pytest.raises(SqsdError, match="exists"):
+    chosen = DirectionsImportConfig(source=str(tmp_path / "tuned"), base=str(tmp_path / "base"), output=str(out),
+                                    modules=("q_proj", "down_proj"), layers=(1,))
+    stamp = out.stat().st_mtime_ns
+    assert import_direction(chosen) == out and out.stat().st_mtime_ns == stamp  # the same import: already done
+    with pytest.raises(SqsdError, match=r"different config or inputs \(config.layers: \[1\] -> \[\]"):
         import_direction(DirectionsImportConfig(source=str(tmp_path / "tuned"), base=str(tmp_path / "base"),
                                                 output=str(out)))
+    assert len(directions.load(out).modules) == 2  # nothing lost
 
 
 def test_inner_products_match_dense():

@@ -135,3 +135,34 @@ def test_evaluate_end_to_end_then_rejudge_without_regenerating(tmp_path, model, 
     assert set(s2["judges"]) == {"keyword", "llama-guard"}  # both judges' results kept side by side
     assert s2["judges"]["keyword"] == k
     assert (tmp_path / "eval" / "harmful.llama-guard.jsonl").exists()
+
+
+def test_a_smaller_limit_in_a_reused_folder_counts_only_its_prompts(tmp_path, model, tokenizer):
+    from sqsd.config import EvaluateConfig
+    from sqsd.evaluate import evaluate
+
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    (tmp_path / "harmful.txt").write_text("".join(f"bad thing {i}?\n" for i in range(6)))
+    (tmp_path / "benign.txt").write_text("".join(f"nice thing {i}?\n" for i in range(6)))
+    common = {"model": str(tmp_path / "m"), "harmful": str(tmp_path / "harmful.txt"),
+              "benign": str(tmp_path / "benign.txt"), "max_new_tokens": 2, "n_bootstrap": 200}
+    evaluate(EvaluateConfig(**common, output_dir=str(tmp_path / "reused"), limit=6))
+    reused = evaluate(EvaluateConfig(**common, output_dir=str(tmp_path / "reused"), limit=3))
+    fresh = evaluate(EvaluateConfig(**common, output_dir=str(tmp_path / "fresh"), limit=3))
+    assert reused["judges"]["keyword"]["n"] == reused["judges"]["keyword"]["n_responses"] == 3
+    assert reused["judges"] == fresh["judges"] and reused["over_refusal"] == fresh["over_refusal"]
+    assert reused["over_refusal"]["n"] == 3
+    # the verdicts on the other 3 responses stay in the judged file for a later, larger run
+    assert len((tmp_path / "reused" / "harmful.keyword.jsonl").read_text().splitlines()) == 6
+
+
+def test_a_corrupt_judged_file_names_its_line(tmp_path):
+    gens, judged = tmp_path / "g.jsonl", tmp_path / "j.jsonl"
+    _generations(gens, ["Sure."])
+    judged.write_text('{"id": "p0", "sample": 0, "response": "Sure.", "judge": "keyword"}\n{"id": \n')
+    with pytest.raises(SqsdError, match=r"j.jsonl:2: not valid JSON"):
+        judge_file(gens, judged, KeywordJudge, "keyword", overwrite=False)
+    judged.write_text('{"id": "p0", "sample": 0, "response": "Sure."}\n')
+    with pytest.raises(SqsdError, match=r"j.jsonl:1: no field 'judge', not a line sqsd wrote"):
+        judge_file(gens, judged, KeywordJudge, "keyword", overwrite=False)

@@ -189,3 +189,27 @@ def test_a_row_without_the_ranking_column_is_named(scored, tmp_path):
     with pytest.raises(SqsdError, match=r"--by risk: .*scores.jsonl, row index 4 \(id 'dolly.jsonl:5'\): the value "
                                         r"is missing"):
         run(scores, tmp_path / "m", drop_top=1)
+
+
+def test_overwrite_into_the_scores_own_folder_never_deletes_the_scores(scored):
+    scores, data, _ = scored
+    before = scores.read_bytes()
+    # the folder is the scoring run's (its run.json, a different command's config): a plain rerun refuses ...
+    with pytest.raises(SqsdError, match="holds a run made with a different config or inputs"):
+        run(scores, scores.parent, drop_top=1)
+    # ... and --overwrite would delete the scores this command reads: refused, nothing lost
+    with pytest.raises(SqsdError, match="would delete .*scores.jsonl.*an input of this command"):
+        run(scores, scores.parent, drop_top=1, overwrite=True)
+    assert scores.read_bytes() == before and (scores.parent / "run.json").exists()
+    assert data.exists()
+
+
+def test_an_output_dir_that_is_a_file_is_one_clear_line(scored, tmp_path, capsys):
+    from sqsd.cli import main
+
+    scores, data, _ = scored
+    (tmp_path / "taken").write_text("mine")
+    assert main(["filter", str(scores), "--output-dir", str(tmp_path / "taken"), "--drop-top", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--output-dir" in err and "is a file, not a folder" in err and "Traceback" not in err
+    assert (tmp_path / "taken").read_text() == "mine"

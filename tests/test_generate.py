@@ -10,8 +10,9 @@ from sqsd.cli import main
 from sqsd.config import GenerateConfig
 from sqsd.data import Record
 from sqsd.errors import SqsdError
-from sqsd.generate import generate, generate_records, read_done, sidecar_path
+from sqsd.generate import generate, generate_records, read_done
 from sqsd.render import encode_prompt
+from sqsd.runs import sidecar_path
 from tiny import tiny_model, tiny_tokenizer
 
 # Varied lengths so that left padding matters in every batch (each character is one byte-level token).
@@ -264,3 +265,19 @@ def test_cli_end_to_end(prompts_file, model_dir, tmp_path, capsys):
     assert "2 to generate, 5 already in" in capsys.readouterr().out
     assert main(argv + ["--max-new-tokens", "5"]) == 2
     assert "pass --overwrite" in capsys.readouterr().err
+
+
+def test_a_second_command_writing_the_same_file_refuses(prompts_file, model_dir, tmp_path):
+    from sqsd.runs import open_run
+
+    out = tmp_path / "gen.jsonl"
+    config = GenerateConfig(data=str(prompts_file), model=str(model_dir), output=str(out), max_new_tokens=NEW)
+    with open_run(out, config, {}, file=True), pytest.raises(SqsdError, match="another sqsd command is writing"):
+        generate(config)  # the first command is still writing
+    assert not out.exists()  # the second wrote nothing
+    with pytest.raises(SqsdError, match="--output .*: is a folder, not a file"):
+        run(prompts_file, model_dir, tmp_path)
+    run(prompts_file, model_dir, out)
+    sidecar_path(out).write_text("{")
+    with pytest.raises(SqsdError, match="gen.jsonl.run.json is corrupt"):
+        run(prompts_file, model_dir, out)

@@ -98,3 +98,9 @@ def test_report_cli(tmp_path, capsys):
     write(steering, steering_rows()[:2] + ['{"direction": "x"'])
     assert main(["report", "steering", str(steering)]) == 2
     assert "steering.jsonl:3: not valid JSON" in capsys.readouterr().err
+
+
+def test_an_output_that_is_a_folder_names_the_flag(tmp_path):
+    path = write(tmp_path / "steering.jsonl", steering_rows())
+    with pytest.raises(SqsdError, match="--output .*: is a folder, not a file"):
+        plot_steering(path, tmp_path)

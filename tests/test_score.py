@@ -400,3 +400,43 @@ def test_torchrun_two_processes_write_the_same_file_as_one(files, tmp_path):
     for chunk in range(5):
         name = f"chunks/{chunk:05d}.jsonl"
         assert (tmp_path / "ddp" / name).read_text() == (tmp_path / "single" / name).read_text()
+
+
+def test_a_second_command_scoring_the_same_folder_refuses(files, tmp_path, monkeypatch):
+    from sqsd.runs import open_run
+
+    def no_model(*args, **kw):
+        raise AssertionError("the refused command must not load the model")
+
+    monkeypatch.setattr("sqsd.model.load_model", no_model)
+    cfg = config(files, tmp_path / "run")
+    with open_run(tmp_path / "run", cfg, score._inputs(cfg)), \
+            pytest.raises(SqsdError, match="--output-dir .*run: another sqsd command is writing it right now"):
+        score.score(cfg)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".sqsd.lock", "run.json"]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SqsdError, match="--output-dir .*file: is a file, not a folder"):
+        score.score(config(files, tmp_path / "file"))
+
+
+def test_each_input_file_is_hashed_once_per_command(files, tmp_path, monkeypatch):
+    import sqsd.fingerprints as F
+
+    monkeypatch.setattr(F, "_CACHE", {})
+    hashed = []
+    real = F._file_sha256
+    monkeypatch.setattr(F, "_file_sha256", lambda path: hashed.append(path) or real(path))
+    score.score(config(files, tmp_path / "run"))
+    model_files = sorted(p for p in files.model.iterdir() if p.is_file())
+    assert sorted(p for p in hashed if p.parent == files.model) == model_files  # once each, not twice
+    assert len(hashed) == len(set(hashed))
+
+
+def test_a_cut_scores_file_names_itself_and_a_rerun_merges_it_again(files, tmp_path):
+    out = score.score(config(files, tmp_path / "run"))
+    whole = out.read_bytes()
+    out.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(SqsdError, match=r"scores.parquet is not a readable Parquet file .*delete it and rerun"):
+        score.read_scores(out)
+    out.unlink()
+    assert score.score(config(files, tmp_path / "run")) == out and out.read_bytes() == whole

@@ -112,7 +112,8 @@ def test_steer_alpha_zero_is_the_base_model_alpha_one_the_adapter_and_reruns_reu
 
     # the same file name with another direction inside refuses to reuse the old evaluations
     D.save(D.load(tmp / "danger.safetensors").scaled(2.0), tmp / "danger.safetensors")
-    with pytest.raises(SqsdError, match="steered with something else.*--overwrite"):
+    with pytest.raises(SqsdError, match=r"alpha_1 holds a run made with a different config or inputs "
+                                        r"\(inputs.direction: .*--overwrite"):
         steer(config)
 
 

@@ -259,18 +259,49 @@ def test_train_run_folder_done_refuse_overwrite_and_merge(tmp_path, folders, cap
     assert not (out / "merged").exists()
 
 
+def _as_if_killed(out):
+    """Make a finished run folder look killed before the end: no result in run.json, no final adapter."""
+    run = json.loads((out / "run.json").read_text())
+    del run["result"]
+    (out / "run.json").write_text(json.dumps(run))
+    (out / "adapter_model.safetensors").unlink()
+
+
 def test_identical_rerun_of_an_unfinished_run_continues_from_its_checkpoint(tmp_path, folders, capsys):
     model_dir, data = folders
     out = tmp_path / "run"
     config = cfg(out, data=str(data), model=str(model_dir), save_at=(3,))
     train(config)
     finished = adapter(out)
-    # make it look killed after checkpoint-3: no result in run.json, no final adapter
-    run = json.loads((out / "run.json").read_text())
-    del run["result"]
-    (out / "run.json").write_text(json.dumps(run))
-    (out / "adapter_model.safetensors").unlink()
+    _as_if_killed(out)  # after checkpoint-3
     train(config)
     assert "resuming from" in capsys.readouterr().out
     for key, value in adapter(out).items():
         torch.testing.assert_close(value, finished[key], rtol=0, atol=1e-6)
+
+
+def test_a_checkpoint_cut_short_by_a_kill_is_skipped_for_the_one_before(tmp_path, folders, capsys):
+    model_dir, data = folders
+    out = tmp_path / "run"
+    config = cfg(out, data=str(data), model=str(model_dir), save_at=(2, 4))
+    train(config)
+    finished = adapter(out)
+    _as_if_killed(out)  # while writing checkpoint-4: its weights cut in half
+    cut = out / "checkpoint-4" / "adapter_model.safetensors"
+    cut.write_bytes(cut.read_bytes()[:cut.stat().st_size // 2])
+    capsys.readouterr()
+    train(config)
+    printed = capsys.readouterr().out
+    assert "checkpoint-4 is incomplete (adapter_model.safetensors is cut short)" in printed
+    assert f"resuming from {out / 'checkpoint-2'}" in printed
+    for key, value in adapter(out).items():
+        torch.testing.assert_close(value, finished[key], rtol=0, atol=1e-6)
+
+
+def test_a_run_json_that_is_not_json_names_the_file(tmp_path, folders):
+    model_dir, data = folders
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text("{not json")
+    with pytest.raises(SqsdError, match=r"run.json is corrupt \(not valid JSON.*restore it"):
+        train(cfg(out, data=str(data), model=str(model_dir)))

@@ -19,6 +19,7 @@ Why the two runs must agree, and what this test relies on:
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -32,11 +33,11 @@ ANSWERS = ["Yes.", "Paris is the capital of France, and has been for a long time
            "Blue, mostly, because of Rayleigh scattering of sunlight.", "Seven.", "Spiders have eight legs."]
 
 
-def run(args, cwd, nproc=None):
+def run(args, cwd, nproc=None, command=("train",)):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] \
         if nproc else [sys.executable]
-    cmd = [*launcher, "-m", "sqsd", "train", *args]
+    cmd = [*launcher, "-m", "sqsd", *command, *args]
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
@@ -77,3 +78,39 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path)
     # batch-composition or loss-normalisation mismatch lands orders of magnitude above 1e-5.
     for key in single:
         torch.testing.assert_close(ddp[key], single[key], rtol=0, atol=1e-5)
+
+
+def test_two_process_directions_build_writes_one_file_equal_to_a_single_process_build(tmp_path):
+    """Under torchrun every rank trains, rank 0 alone writes the direction file. Built again by one process
+    from the same training folder, the file is bit-identical (tensors and metadata)."""
+    from safetensors import safe_open
+
+    tok = tiny_tokenizer()
+    model_dir = tmp_path / "model"
+    tiny_model(tok).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Question {i}?", "output": a}) + "\n"
+                            for i, a in enumerate(ANSWERS)))
+    args = [str(data), "--model", str(model_dir), "--kind", "danger", "--output-dir", "out", "--max-steps", "2",
+            "--batch-size", "2", "--lora-r", "4", "--max-length", "64", "--seed", "3"]
+    (tmp_path / "ddp").mkdir()
+    result = run(args, tmp_path / "ddp", nproc=2, command=("directions", "build"))
+    # written once, by rank 0 (were rank 1 to write too, it would print this line again or find the file there)
+    assert result.stdout.count("danger direction:") == 1 and "already done" not in result.stdout
+    ddp = tmp_path / "ddp" / "out"
+    assert sorted(p.name for p in ddp.glob("danger*")) == ["danger.json", "danger.safetensors"]
+    assert json.loads((ddp / "run.json").read_text())["result"]["world_size"] == 2
+
+    single = tmp_path / "single" / "out"  # the same relative --output-dir: the same recorded config
+    shutil.copytree(ddp, single, ignore=shutil.ignore_patterns("danger.*"))
+    result = run(args, tmp_path / "single", command=("directions", "build"))
+    assert "already done: out holds a finished run" in result.stdout  # only the file was written here
+    assert (ddp / "danger.json").read_text() == (single / "danger.json").read_text()
+    with safe_open(str(ddp / "danger.safetensors"), "pt") as a, \
+            safe_open(str(single / "danger.safetensors"), "pt") as b:
+        keys = sorted(a.keys())
+        assert a.metadata() == b.metadata() and keys == sorted(b.keys()) and len(keys) == 28
+        for key in keys:
+            assert torch.equal(a.get_tensor(key), b.get_tensor(key))
+    assert (ddp / "danger.safetensors").read_bytes() == (single / "danger.safetensors").read_bytes()

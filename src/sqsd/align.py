@@ -15,12 +15,14 @@ import dataclasses
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 from sqsd.config import AlignConfig, TrainConfig, to_dict
 from sqsd.data import Record, load_records
+from sqsd.fingerprints import model_fingerprint
 from sqsd.judges import refusal_for
 from sqsd.options import LoraArgs, MethodArgs, ModelArgs, OptimArgs, RenderArgs
-from sqsd.runs import prepare_run, write_json_atomic
+from sqsd.runs import open_run, write_json_atomic
 
 MODEL_DIR = "model"
 
@@ -57,39 +59,59 @@ def build_records(config: AlignConfig, model=None, tokenizer=None) -> list[Recor
 
 
 def align(config: AlignConfig) -> Path:
-    """Build the recipe's data, fine-tune, and write the aligned model folder; returns its path."""
-    from sqsd.model import load_model, model_skeleton
-    from sqsd.runs import model_fingerprint
-    from sqsd.train import check_lora_targets, train_model
+    """Build the recipe's data, fine-tune, and write the aligned model folder; returns its path.
 
+    Under a launcher every rank trains (the Trainer's own data parallelism) and rank 0 alone writes files."""
+    from accelerate import PartialState
+
+    from sqsd.model import model_skeleton
+    from sqsd.train import check_lora_targets
+
+    state = PartialState(cpu=config.device == "cpu")
     out = Path(config.output_dir)
     if config.method == "lora":  # refuse what the model cannot take before the folder and the data are made
         check_lora_targets(model_skeleton(config.model), config.target_modules, config.layers)
-    prepare_run(out, config, {"model": model_fingerprint(config.model)}, config.overwrite)
-    if (out / "recipe.json").exists():  # written last, so its presence means the model is complete
-        print(f"already done: aligned model in {out / MODEL_DIR}")
-        return out / MODEL_DIR
-    model, tokenizer = load_model(config.model, config.dtype, config.device)
-    records = build_records(config, model, tokenizer)
-    with open(out / "align_data.jsonl", "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps({"id": r.id, "messages": [*r.prompt, {"role": "assistant", "content": r.response}],
-                                "role": r.meta["align_role"]}, ensure_ascii=False) + "\n")
+    with open_run(out, config, lambda: {"model": model_fingerprint(config.model)}, overwrite=config.overwrite,
+                  state=state, input_fields=("model",)) as run:
+        if run.state == "done":
+            if state.is_main_process:
+                print(f"already done: aligned model in {out / MODEL_DIR}")
+        else:
+            device = str(state.device) if state.use_distributed and config.device != "cpu" else config.device
+            _align(config, out, run, state.is_main_process, device)
+    state.wait_for_everyone()
+    return out / MODEL_DIR
+
+
+def _align(config: AlignConfig, out: Path, run: Any, main: bool, device: str) -> None:
+    from sqsd.model import load_model
+    from sqsd.train import train_model
+
+    model, tokenizer = load_model(config.model, config.dtype, device)
+    records = build_records(config, model, tokenizer)  # the same on every rank (greedy answers, seeded shuffles)
+    if main:
+        with open(out / "align_data.jsonl", "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps({"id": r.id, "messages": [*r.prompt, {"role": "assistant", "content": r.response}],
+                                    "role": r.meta["align_role"]}, ensure_ascii=False) + "\n")
     n_refuse = sum(r.meta["align_role"] == "refuse" for r in records)
-    print(f"alignment data: {n_refuse} harmful -> refusal, {len(records) - n_refuse} benign -> answer")
+    if main:
+        print(f"alignment data: {n_refuse} harmful -> refusal, {len(records) - n_refuse} benign -> answer")
     # A full fine-tune writes its model straight into model/; a LoRA trains into train/ and is merged below.
     train_dir = out / (MODEL_DIR if config.method == "full" else "train")
     shared = (ModelArgs, RenderArgs, MethodArgs, LoraArgs, OptimArgs)  # the training flags align shares with train
     train_config = TrainConfig(data=str(out / "align_data.jsonl"), output_dir=str(train_dir),
                                **{f.name: getattr(config, f.name) for g in shared for f in dataclasses.fields(g)})
     result = train_model(model, tokenizer, records, train_config, train_dir)
+    if not main:
+        return
     if config.method == "lora":
         result.model.merge_and_unload().save_pretrained(out / MODEL_DIR)
         tokenizer.save_pretrained(out / MODEL_DIR)
-    write_json_atomic(out / "recipe.json", {"config": to_dict(config), "n_refuse": n_refuse,
-                                            "n_answer": len(records) - n_refuse, "steps": result.steps,
-                                            "first_loss": result.first_loss, "last_loss": result.last_loss,
-                                            "train_seconds": round(result.seconds, 1)})
+    recipe = {"config": to_dict(config), "n_refuse": n_refuse, "n_answer": len(records) - n_refuse,
+              "steps": result.steps, "first_loss": result.first_loss, "last_loss": result.last_loss,
+              "train_seconds": round(result.seconds, 1)}
+    write_json_atomic(out / "recipe.json", recipe)
+    run.finish({k: v for k, v in recipe.items() if k != "config"})
     print(f"aligned model: {out / MODEL_DIR} ({result.steps} steps, loss {result.first_loss} -> "
           f"{result.last_loss}, {result.seconds:.0f} s)")
-    return out / MODEL_DIR

@@ -31,8 +31,9 @@ from sqsd.config import (
     to_dict,
 )
 from sqsd.errors import SqsdError
+from sqsd.fingerprints import data_fingerprints, fingerprint, model_fingerprint
 from sqsd.options import GenerationArgs
-from sqsd.runs import data_fingerprints, model_fingerprint, prepare_run, write_json_atomic
+from sqsd.runs import on_main, open_run, write_json_atomic
 
 DATA_FILE = "data.jsonl"
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -47,47 +48,57 @@ def layer_of(module: str) -> int | None:
 
 
 def directions_data(config: DirectionsDataConfig) -> Path:
-    """Write the danger or safety training data (messages format) and its provenance; returns data.jsonl."""
+    """Write the danger or safety training data (messages format) and its provenance; returns data.jsonl.
+
+    Under a launcher rank 0 does it all and the other ranks wait (`runs.on_main`)."""
+    return on_main(lambda: _directions_data(config), config.device)
+
+
+def _directions_data(config: DirectionsDataConfig) -> Path:
     from sqsd.data import load_records
     from sqsd.judges import refusal_for
 
     out = Path(config.output_dir)
-    inputs = {f"{src}:{k}": v for src in config.prompts for k, v in data_fingerprints(src).items()}
-    if config.kind == "danger":
-        inputs["model"] = model_fingerprint(config.model)
-    prepare_run(out, config, inputs, config.overwrite)
-    if (out / "provenance.json").exists():  # written last
-        print(f"already done: {out / DATA_FILE}")
-        return out / DATA_FILE
-    records = [r for src in config.prompts for r in load_records(src).records]
-    if config.n_prompts is not None and config.n_prompts < len(records):
-        records = random.Random(config.seed).sample(records, config.n_prompts)
-    provenance: dict[str, Any] = {"kind": config.kind, "prompts": list(config.prompts), "n_prompts": len(records)}
-    if config.kind == "danger":
-        from sqsd.generate import generate_records
-        from sqsd.judges import KeywordJudge
-        from sqsd.model import load_model
 
-        model, tokenizer = load_model(config.model, config.dtype, config.device)
-        answers = generate_records(model, tokenizer, records, **{f.name: getattr(config, f.name)
-                                                                 for f in dataclasses.fields(GenerationArgs)})
-        judge = KeywordJudge()
-        rows = [(r, g.response) for r, g in zip(records, answers) if judge.refusal(g.response) is None]
-        provenance.update(answered_by=config.model, model_fingerprint=inputs["model"], judge="keyword",
-                          max_new_tokens=config.max_new_tokens, n_refused_dropped=len(records) - len(rows),
-                          note="harmful responses generated offline by an unaligned model; non-refusals kept")
-    else:
-        rows = [(r, refusal_for(f"{config.seed}:{r.id}")) for r in records]
-        provenance.update(answered_by="sqsd.judges.REFUSALS (varied refusal templates)")
-    if not rows:
-        raise SqsdError(f"no {config.kind} pairs left: the model refused every prompt (is it already aligned?)")
-    with open(out / (DATA_FILE + ".tmp"), "w", encoding="utf-8") as f:
-        for r, response in rows:
-            f.write(json.dumps({"id": r.id, "messages": [*r.prompt, {"role": "assistant", "content": response}],
-                                "source": r.source}, ensure_ascii=False) + "\n")
-    (out / (DATA_FILE + ".tmp")).replace(out / DATA_FILE)
-    provenance["n_pairs"] = len(rows)
-    write_json_atomic(out / "provenance.json", provenance)
+    def inputs() -> dict[str, str]:
+        found = {f"{src}:{k}": v for src in config.prompts for k, v in data_fingerprints(src).items()}
+        return {**found, "model": model_fingerprint(config.model)} if config.kind == "danger" else found
+
+    with open_run(out, config, inputs, overwrite=config.overwrite, input_fields=("prompts", "model")) as run:
+        if run.state == "done":
+            print(f"already done: {out / DATA_FILE}")
+            return out / DATA_FILE
+        records = [r for src in config.prompts for r in load_records(src).records]
+        if config.n_prompts is not None and config.n_prompts < len(records):
+            records = random.Random(config.seed).sample(records, config.n_prompts)
+        provenance: dict[str, Any] = {"kind": config.kind, "prompts": list(config.prompts),
+                                      "n_prompts": len(records)}
+        if config.kind == "danger":
+            from sqsd.generate import generate_records
+            from sqsd.judges import KeywordJudge
+            from sqsd.model import load_model
+
+            model, tokenizer = load_model(config.model, config.dtype, config.device)
+            answers = generate_records(model, tokenizer, records, **{f.name: getattr(config, f.name)
+                                                                     for f in dataclasses.fields(GenerationArgs)})
+            judge = KeywordJudge()
+            rows = [(r, g.response) for r, g in zip(records, answers) if judge.refusal(g.response) is None]
+            provenance.update(answered_by=config.model, model_fingerprint=run.inputs["model"], judge="keyword",
+                              max_new_tokens=config.max_new_tokens, n_refused_dropped=len(records) - len(rows),
+                              note="harmful responses generated offline by an unaligned model; non-refusals kept")
+        else:
+            rows = [(r, refusal_for(f"{config.seed}:{r.id}")) for r in records]
+            provenance.update(answered_by="sqsd.judges.REFUSALS (varied refusal templates)")
+        if not rows:
+            raise SqsdError(f"no {config.kind} pairs left: the model refused every prompt (is it already aligned?)")
+        with open(out / (DATA_FILE + ".tmp"), "w", encoding="utf-8") as f:
+            for r, response in rows:
+                f.write(json.dumps({"id": r.id, "messages": [*r.prompt, {"role": "assistant", "content": response}],
+                                    "source": r.source}, ensure_ascii=False) + "\n")
+        (out / (DATA_FILE + ".tmp")).replace(out / DATA_FILE)
+        provenance["n_pairs"] = len(rows)
+        write_json_atomic(out / "provenance.json", provenance)
+        run.finish(provenance)
     print(f"{config.kind} data: {len(rows)} pairs from {len(records)} prompts -> {out / DATA_FILE}")
     return out / DATA_FILE
 
@@ -99,27 +110,40 @@ def build(config: DirectionsBuildConfig) -> Path:
     """Train the adapter (resumable, reused when done) and write OUTPUT_DIR/KIND.safetensors.
 
     The file is named by its kind because the stem names the direction in trajectories and steering tables.
+    The training run's `result` in run.json records the file once written (the run's "done" marker). Under a
+    launcher every rank trains (`train`), then rank 0 alone writes the file while the others wait.
     """
-    from sqsd.train import RUN_FILE, train
+    from sqsd.train import train
+
+    train(config.train_config())
+    return on_main(lambda: _write_direction(config), config.device)
+
+
+def _write_direction(config: DirectionsBuildConfig) -> Path:
+    from sqsd.train import TRAIN_INPUT_FIELDS, train_inputs
 
     out = Path(config.output_dir)
-    train(config.train_config())
     target = out / f"{config.kind}.safetensors"
-    if target.exists():  # written after training; a changed training config was refused or wiped by train
-        made = json.loads(target.with_suffix(".json").read_text()).get("train_config")
-        if made == to_dict(config):
-            print(f"already done: {target}")
-            return target
-        if not config.overwrite:  # the same training, another --step (or sidecar): do not replace it silently
-            raise SqsdError(f"{target} was built with a different config (e.g. another --step); pass --overwrite "
-                            "to rebuild it from this run's checkpoints")
-    run = json.loads((out / RUN_FILE).read_text())
-    source = out if config.step is None else out / f"checkpoint-{config.step}"
-    direction = directions.from_adapter(source, config.kind)
-    meta = {**direction.meta, "base_fingerprint": model_fingerprint(config.model), "base_model": config.model,
-            "step": config.step if config.step is not None else run["result"]["steps"],
-            "train_config": to_dict(config), "data": data_fingerprints(config.data)}
-    directions.save(dataclasses.replace(direction, meta=meta), target)
+    # the finished training run, claimed again (same config and inputs) so the lock covers the file written here
+    trained = config.train_config()
+    with open_run(out, trained, lambda: train_inputs(trained), input_fields=TRAIN_INPUT_FIELDS) as run:
+        result = run.result or {}
+        if target.exists():  # written after training; a changed training config was refused or wiped by train
+            made = json.loads(target.with_suffix(".json").read_text()).get("train_config")
+            if made == to_dict(config) and result.get("direction") == target.name:
+                print(f"already done: {target}")
+                return target
+            if not config.overwrite:  # the same training, another --step (or sidecar): do not replace it silently
+                raise SqsdError(f"{target} was built with a different config (e.g. another --step); pass "
+                                "--overwrite to rebuild it from this run's checkpoints")
+        source = out if config.step is None else out / f"checkpoint-{config.step}"
+        direction = directions.from_adapter(source, config.kind)
+        inputs = dict(run.inputs)
+        meta = {**direction.meta, "base_fingerprint": inputs.pop("model"), "base_model": config.model,
+                "step": config.step if config.step is not None else result["steps"],
+                "train_config": to_dict(config), "data": inputs}
+        directions.save(dataclasses.replace(direction, meta=meta), target)
+        run.finish({**result, "direction": target.name})  # also lists the file as sqsd's, for --overwrite
     print(f"{config.kind} direction: {target} ({len(direction.modules)} modules, step {meta['step']})")
     return target
 
@@ -138,23 +162,36 @@ def _selector(modules: tuple[str, ...], layers: tuple[int, ...]):
 
 
 def import_direction(config: DirectionsImportConfig) -> Path:
-    """Write a direction file from a PEFT adapter folder or a dense difference of two model folders."""
+    """Write a direction file from a PEFT adapter folder or a dense difference of two model folders (rank 0
+    only under a launcher). The file has a sidecar like every output of sqsd (`runs.open_run`)."""
+    return on_main(lambda: _import_direction(config))
+
+
+def _import_direction(config: DirectionsImportConfig) -> Path:
     target = Path(config.output)
-    if target.exists() and not config.overwrite:
-        raise SqsdError(f"{target} exists; pass --overwrite to replace it")
-    if config.base is None:
-        direction = directions.from_adapter(config.source, config.kind)
-        if config.layers:
-            direction = dataclasses.replace(direction, modules={m: t for m, t in direction.modules.items()
-                                                                if layer_of(m) in config.layers})
-    else:
-        direction = directions.from_models(config.base, config.source, _selector(config.modules, config.layers),
-                                  config.kind)
     base = config.model or config.base
-    meta = {**direction.meta, "imported_from": config.source}
-    if base is not None:
-        meta.update(base_fingerprint=model_fingerprint(base), base_model=base)
-    directions.save(dataclasses.replace(direction, meta=meta), target)
+
+    def inputs() -> dict[str, str | None]:
+        return {"source": fingerprint(config.source), "base": model_fingerprint(base) if base else None}
+
+    with open_run(target, config, inputs, input_fields=("source", "base", "model"), overwrite=config.overwrite,
+                  file=True) as run:
+        if run.state == "done":
+            print(f"already done: {target}")
+            return target
+        if config.base is None:
+            direction = directions.from_adapter(config.source, config.kind)
+            if config.layers:
+                direction = dataclasses.replace(direction, modules={m: t for m, t in direction.modules.items()
+                                                                    if layer_of(m) in config.layers})
+        else:
+            direction = directions.from_models(config.base, config.source, _selector(config.modules, config.layers),
+                                      config.kind)
+        meta = {**direction.meta, "imported_from": config.source}
+        if base is not None:
+            meta.update(base_fingerprint=run.inputs["base"], base_model=base)
+        directions.save(dataclasses.replace(direction, meta=meta), target)
+        run.finish({"modules": len(direction.modules)})
     print(f"{config.kind} direction: {target} ({len(direction.modules)} modules, "
           f"norm {float(direction.sq_norm()) ** 0.5:.4g})")
     return target

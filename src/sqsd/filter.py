@@ -11,8 +11,9 @@ ties by dataset index. Skipped rows are never selected. Modes (exactly one):
 Every output line is the record's original field dict as read from its file (a Dolly row stays a Dolly row:
 instruction/context/response/category), so a subset feeds straight into `sqsd train` or any other tool. CSV
 and Parquet rows become JSON objects with the same columns (dates and times as ISO 8601 strings, see
-`sqsd.readers`). `filter.json` holds the counts and the score range
-and ranks of each subset; `run.json` the config and fingerprints of the scores and the data.
+`sqsd.readers`). `filter.json` holds the counts and the score range and ranks of each subset; `run.json` the
+config and fingerprints of the scores and the data (`runs.open_run`: `--overwrite` never removes the scores
+file or the data, even when they lie in the output folder).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from typing import Any
 from sqsd.config import FilterConfig, to_dict
 from sqsd.data import Record, load_records, raw_rows
 from sqsd.errors import SqsdError
+from sqsd.fingerprints import data_fingerprints, fingerprint
 from sqsd.formats import RawRecord
-from sqsd.runs import RUN_FILE, data_fingerprints, fingerprint, prepare_run, write_json_atomic
+from sqsd.runs import RUN_FILE, on_main, open_run, write_json_atomic
 from sqsd.score import OK, score_rows
 
 FILTER_FILE = "filter.json"
@@ -131,7 +133,12 @@ def _write_jsonl(path: Path, lines: Sequence[dict[str, Any]]) -> None:
 
 
 def filter_scores(config: FilterConfig) -> Path:
-    """`sqsd filter`: write the subsets of `config` into `config.output_dir`; returns the folder."""
+    """`sqsd filter`: write the subsets of `config` into `config.output_dir`; returns the folder (rank 0 only
+    under a launcher)."""
+    return on_main(lambda: _filter_scores(config))
+
+
+def _filter_scores(config: FilterConfig) -> Path:
     scores = Path(config.scores)
     located = score_rows(scores)
     rows = [r.fields for r in located]
@@ -141,23 +148,24 @@ def filter_scores(config: FilterConfig) -> Path:
     _check_match(located, records, scores, data)
 
     out = Path(config.output_dir)
-    inputs = {"scores": fingerprint(scores), **data_fingerprints(data)}
-    prepare_run(out, config, inputs, config.overwrite)
-    raw = raw_rows(data, _scored_config(scores).get("split", "train"))
-    positions = {r["index"]: pos for pos, r in enumerate(ranked)}
-    summary: dict[str, Any] = {}
-    for name, chosen in subsets.items():
-        _write_jsonl(out / f"{name}.jsonl", [raw[(records[r["index"]].source, records[r["index"]].row)]
-                                             for r in chosen])
-        values = [r[config.by] for r in chosen]
-        ranks = [positions[r["index"]] for r in chosen]
-        summary[name] = {"file": f"{name}.jsonl", "count": len(chosen),
-                         "min": min(values) if values else None, "max": max(values) if values else None,
-                         "ranks": [min(ranks), max(ranks) + 1] if ranks else None}
-    n_skipped = len(rows) - len(ranked)
-    write_json_atomic(out / FILTER_FILE, {"config": to_dict(config), "scores": str(scores), "data": data,
-                                          "n_rows": len(rows), "n_ok": len(ranked), "n_skipped": n_skipped,
-                                          "subsets": summary})
+    inputs = lambda: {"scores": fingerprint(scores), **data_fingerprints(data)}  # noqa: E731
+    with open_run(out, config, inputs, overwrite=config.overwrite, input_fields=("scores", "data")) as run:
+        raw = raw_rows(data, _scored_config(scores).get("split", "train"))
+        positions = {r["index"]: pos for pos, r in enumerate(ranked)}
+        summary: dict[str, Any] = {}
+        for name, chosen in subsets.items():
+            _write_jsonl(out / f"{name}.jsonl", [raw[(records[r["index"]].source, records[r["index"]].row)]
+                                                 for r in chosen])
+            values = [r[config.by] for r in chosen]
+            ranks = [positions[r["index"]] for r in chosen]
+            summary[name] = {"file": f"{name}.jsonl", "count": len(chosen),
+                             "min": min(values) if values else None, "max": max(values) if values else None,
+                             "ranks": [min(ranks), max(ranks) + 1] if ranks else None}
+        n_skipped = len(rows) - len(ranked)
+        write_json_atomic(out / FILTER_FILE, {"config": to_dict(config), "scores": str(scores), "data": data,
+                                              "n_rows": len(rows), "n_ok": len(ranked), "n_skipped": n_skipped,
+                                              "subsets": summary})
+        run.finish({name: s["count"] for name, s in summary.items()})
     print(f"{len(ranked)} scored row(s) ranked by {config.by} ({n_skipped} skipped row(s) never selected) -> {out}")
     for s in summary.values():
         span = "" if s["min"] is None else f", {config.by} {s['min']:.4g} .. {s['max']:.4g}"

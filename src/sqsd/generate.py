@@ -11,9 +11,10 @@ mask), so every row computes what it would compute alone. Sampling gets it from 
 composition or order.
 
 The output file is one JSON line per (record, sample), appended and flushed after every batch, so a kill loses
-at most one batch. Its sidecar `<output>.run.json` holds the config and the model/adapter fingerprints; a
-rerun with the same ones skips the (id, sample) pairs already written, a different one refuses unless
-`overwrite` is set (then the file starts afresh).
+at most one batch. Its sidecar `<output>.run.json` (`runs.open_run` on a file) holds the config and the
+model/adapter fingerprints; a rerun with the same ones skips the (id, sample) pairs already written, a different
+one refuses unless `overwrite` is set (then the file starts afresh), and a second command writing the same file
+at the same time refuses (a lock).
 """
 
 from __future__ import annotations
@@ -39,16 +40,16 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from sqsd import __version__
-from sqsd.config import GenerateConfig, to_dict
+from sqsd.config import GenerateConfig
 from sqsd.data import Record, load_from_config
 from sqsd.errors import SqsdError
+from sqsd.fingerprints import fingerprint
 from sqsd.model import load_model
 from sqsd.render import Collator, encode_prompt
-from sqsd.runs import _differences, fingerprint, write_json_atomic
+from sqsd.runs import on_main, open_run
 
 # Config fields that change how much is done or how fast, not what any line contains: a resume may change them.
-RESUMABLE_FIELDS = ("batch_size", "limit", "on_bad_record", "overwrite", "output")
+RESUMABLE_FIELDS = ("batch_size", "limit", "on_bad_record")
 # Fields that only matter when sampling; greedy runs do not record or compare them.
 SAMPLING_FIELDS = ("temperature", "top_p", "seed")
 # HF fills every generation option left unset from the model's generation_config.json (Llama-3 ships
@@ -209,18 +210,6 @@ def generation_settings(config: GenerateConfig) -> dict[str, Any]:
     return {k: getattr(config, k) for k in keys if config.do_sample or k not in SAMPLING_FIELDS}
 
 
-def _compared(run: dict[str, Any]) -> dict[str, Any]:
-    """The part of a sidecar that must match for a rerun to resume into the same file."""
-    config = dict(run.get("config", {}))
-    for key in RESUMABLE_FIELDS + (() if config.get("do_sample") else SAMPLING_FIELDS):
-        config.pop(key, None)
-    return {"config": config, "inputs": run.get("inputs", {})}
-
-
-def sidecar_path(output: Path) -> Path:
-    return output.with_name(output.name + ".run.json")
-
-
 def read_done(output: Path) -> dict[tuple[str, int], tuple[dict[str, str], ...]]:
     """(id, sample) -> prompt messages of every complete line in `output`.
 
@@ -245,35 +234,16 @@ def read_done(output: Path) -> dict[tuple[str, int], tuple[dict[str, str], ...]]
     return done
 
 
-def _open_run(config: GenerateConfig, output: Path,
-              inputs: dict[str, str | None]) -> dict[tuple[str, int], tuple[dict[str, str], ...]]:
-    """Check or create the sidecar; returns the `read_done` map of what is already in the output file."""
-    sidecar = sidecar_path(output)
-    run = {"config": to_dict(config), "inputs": inputs, "sqsd_version": __version__}
-    if output.exists():
-        if not sidecar.exists() and not config.overwrite:
-            raise SqsdError(f"{output} exists but has no {sidecar.name}, so how it was made is unknown; pass "
-                            "--overwrite to replace it, or choose another --output")
-        if sidecar.exists():
-            diff = _differences(_compared(json.loads(sidecar.read_text())), _compared(run))
-            if not diff:
-                return read_done(output)
-            if not config.overwrite:
-                raise SqsdError(f"{output} was generated with a different config or model ("
-                                + "; ".join(diff[:5]) + ("; ..." if len(diff) > 5 else "")
-                                + "); pass --overwrite to start it afresh, or choose another --output")
-        output.unlink()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(sidecar, run)
-    output.touch()
-    return {}
-
-
 def generate(config: GenerateConfig) -> Path:
-    """`sqsd generate`: generate into `config.output`, resuming what an earlier identical run wrote."""
+    """`sqsd generate`: generate into `config.output`, resuming what an earlier identical run wrote (rank 0
+    only under a launcher)."""
+    return on_main(lambda: _generate(config), config.device)
+
+
+def _generate(config: GenerateConfig) -> Path:
     if config.adapter and not Path(config.adapter).is_dir():
         raise SqsdError(f"adapter folder {config.adapter} does not exist")
-    from sqsd.runs import model_fingerprint
+    from sqsd.fingerprints import model_fingerprint
 
     loaded = load_from_config(config)
     if loaded.bad:
@@ -301,18 +271,28 @@ def generate_file(config: GenerateConfig, records: Sequence[Record], inputs: dic
     a model already (evaluation, steering) hand it over instead of loading `config.model` again.
     """
     output = Path(config.output)
-    done = _open_run(config, output, inputs)
-    for record in records:
-        for s in range(config.n):
-            if (record.id, s) in done and done[(record.id, s)] != record.prompt:
-                raise SqsdError(f"{output} holds a different prompt for record {record.id!r} than {config.data} "
-                                "now gives; the data changed: pass --overwrite or choose another --output")
-    todo = len(records) * config.n - sum((r.id, s) in done for r in records for s in range(config.n))
-    print(f"{len(records)} prompts x {config.n} sample(s); {todo} to generate, "
-          f"{len(records) * config.n - todo} already in {output}", flush=True)
-    if todo == 0:
-        return output
+    ignore = RESUMABLE_FIELDS + (() if config.do_sample else SAMPLING_FIELDS)
+    with open_run(output, config, inputs, input_fields=("model", "adapter"), ignore=ignore,
+                  overwrite=config.overwrite, file=True) as run:
+        if run.state == "fresh":
+            output.touch()
+        done = read_done(output)
+        for record in records:
+            for s in range(config.n):
+                if (record.id, s) in done and done[(record.id, s)] != record.prompt:
+                    raise SqsdError(f"{output} holds a different prompt for record {record.id!r} than {config.data} "
+                                    "now gives; the data changed: pass --overwrite or choose another --output")
+        todo = len(records) * config.n - sum((r.id, s) in done for r in records for s in range(config.n))
+        print(f"{len(records)} prompts x {config.n} sample(s); {todo} to generate, "
+              f"{len(records) * config.n - todo} already in {output}", flush=True)
+        if todo:
+            _generate_into(output, config, records, done, get_model)
+        run.finish({"lines": len(done) + todo})
+    return output
 
+
+def _generate_into(output: Path, config: GenerateConfig, records: Sequence[Record], done: Collection[tuple[str, int]],
+                   get_model: Callable[[], tuple[PreTrainedModel, PreTrainedTokenizerBase]] | None) -> None:
     model, tokenizer = (get_model or (lambda: load_for_generation(config)))()
     common = {"model": config.model, "adapter": config.adapter, "generation": generation_settings(config)}
     counts = {"eos": 0, "length": 0}
@@ -330,7 +310,6 @@ def generate_file(config: GenerateConfig, records: Sequence[Record], inputs: dic
                          max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
                          do_sample=config.do_sample, temperature=config.temperature, top_p=config.top_p,
                          n=config.n, seed=config.seed, max_prompt_length=config.max_prompt_length,
-                         done=done.keys(), on_batch=write)
-    print(f"wrote {todo} responses to {output} (ended at eos: {counts['eos']}, hit --max-new-tokens: "
-          f"{counts['length']})")
-    return output
+                         done=done, on_batch=write)
+    print(f"wrote {sum(counts.values())} responses to {output} (ended at eos: {counts['eos']}, hit "
+          f"--max-new-tokens: {counts['length']})")

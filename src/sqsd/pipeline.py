@@ -5,8 +5,9 @@ anchor adapter on AlpacaEval's `@directions` split (`anchor/`, disjoint from the
 sample of the `dolly-sqsd` pool (`scores-nN/`) → the 20 riskiest and 20 safest samples, S1..Sk windows, and how
 our ranking compares with the paper's own scores (`scores-nN/summary.json`).
 
-Every stage is a library call with its own config and run folder, so a rerun skips what is done and a changed
-setting is refused by the stage it concerns (pass `--overwrite` to that stage's own command to redo it).
+Every stage is a library call with its own config and run folder (`runs.open_run`), so a rerun skips what is done
+and a changed setting is refused by the stage it concerns (pass `--overwrite` to that stage's own command to redo
+it). Under a launcher the training and scoring stages use every rank; the rest runs on rank 0 (`runs.on_main`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from sqsd.config import (
     ScoreConfig,
     TrainConfig,
 )
-from sqsd.runs import write_json_atomic
+from sqsd.runs import on_main, write_json_atomic
 
 POOL = "dolly-sqsd"
 
@@ -101,7 +102,6 @@ def demo(config: DemoConfig) -> dict[str, Any]:
     from sqsd.align import align
     from sqsd.assets import fetch_cli
     from sqsd.direction_tools import build, directions_data
-    from sqsd.filter import filter_scores
     from sqsd.score import score
     from sqsd.train import train
 
@@ -131,7 +131,7 @@ def demo(config: DemoConfig) -> dict[str, Any]:
 
     t = _stage(f"5/6 score {config.n_pool or 3000} dolly-sqsd samples")
     out = run / f"scores-n{config.n_pool or 3000}"
-    pool = write_pool(out, config.n_pool, config.seed)
+    pool = on_main(lambda: write_pool(out, config.n_pool, config.seed))
     scores_file = score(ScoreConfig(data=str(pool), model=aligned, danger=str(paths["danger"]),
                                     safety=str(paths["safety"]), danger_anchor=str(anchor),
                                     safety_anchor=str(dirs / "safety"), max_length=config.max_length,
@@ -139,6 +139,17 @@ def demo(config: DemoConfig) -> dict[str, Any]:
     timings["score"] = time.perf_counter() - t
 
     t = _stage("6/6 riskiest / safest samples, windows, comparison with the paper's scores")
+    summary = on_main(lambda: _summarise(config, out, pool, scores_file))
+    summary["seconds_this_run"] = {k: round(v, 1) for k, v in timings.items()}
+    on_main(lambda: write_json_atomic(out / "summary.json", summary))
+    on_main(lambda: _print_summary(summary))
+    return summary
+
+
+def _summarise(config: DemoConfig, out: Path, pool: Path, scores_file: Path) -> dict[str, Any]:
+    """The windows (`sqsd filter`), the 20 riskiest and safest samples and the comparison with the paper."""
+    from sqsd.filter import filter_scores
+
     scores = pd.read_parquet(scores_file) if str(scores_file).endswith(".parquet") else pd.read_json(scores_file,
                                                                                                     lines=True)
     rows = pd.read_json(pool, lines=True)
@@ -151,13 +162,9 @@ def demo(config: DemoConfig) -> dict[str, Any]:
         return [{**{k: rows.loc[i, k] for k in show}, **frame.loc[i, ["danger", "safety", "risk"]].to_dict()}
                 for i in frame.index]
 
-    summary = {"pool": str(pool), "scores": str(scores_file), "windows": str(out / "windows"),
-               "comparison_with_paper": compare_with_paper(scores, rows),
-               "riskiest_20": extreme(ranked.head(20)), "safest_20": extreme(ranked.tail(20).iloc[::-1]),
-               "seconds_this_run": {k: round(v, 1) for k, v in timings.items()}}
-    write_json_atomic(out / "summary.json", summary)
-    _print_summary(summary)
-    return summary
+    return {"pool": str(pool), "scores": str(scores_file), "windows": str(out / "windows"),
+            "comparison_with_paper": compare_with_paper(scores, rows),
+            "riskiest_20": extreme(ranked.head(20)), "safest_20": extreme(ranked.tail(20).iloc[::-1])}
 
 
 def _print_summary(summary: dict[str, Any]) -> None:

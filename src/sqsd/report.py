@@ -71,8 +71,9 @@ def _figure(width: float = 7.0, height: float = 4.2):
 
 
 def _save(fig: Any, output: str | Path) -> Path:
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    from sqsd.runs import output_file
+
+    output = output_file(Path(output), "--output")
     fig.tight_layout()
     fig.savefig(output, format="png")
     return output

@@ -12,10 +12,11 @@ model and anchors, scores in chunks and merges them into one file. The maths is 
 Output folder:
     scores.parquet (or scores.jsonl)   one row per record, in dataset order: see COLUMNS
     chunks/NNNNN.jsonl                 the rows of chunk N (records N*chunk_size ...), each written atomically
-    run.json                           config + fingerprints of model, data, direction files and anchors
+    run.json                           config + fingerprints of model, data, direction files and anchors, the
+                                       manifest, and `result` once the merged file is written (`runs.open_run`)
 
 Resume: a rerun of the same command skips the chunks already written; once all exist they are merged. A rerun
-of a finished run prints "already done". Chunks, and so batch composition, depend only on the dataset and
+of a finished run prints "already done"; a second command into a folder being scored refuses (a lock). Chunks, and so batch composition, depend only on the dataset and
 `chunk_size`, never on which process scores them: under `torchrun --nproc_per_node W` rank r scores every W-th
 missing chunk, rank 0 merges, and the file is identical to a single process's.
     torchrun --nproc_per_node 2 -m sqsd score DATA --danger D.safetensors --safety S.safetensors ...
@@ -41,16 +42,18 @@ from tqdm.auto import tqdm
 
 from sqsd.config import ScoreConfig
 from sqsd.data import Record
-from sqsd.errors import SqsdError
+from sqsd.errors import DataError, SqsdError
 from sqsd.formats import RawRecord
 from sqsd.projection import check_logits, project
 from sqsd.readers import read_rows
 from sqsd.render import Encoded, Skip, encode_record
-from sqsd.runs import broadcast
+from sqsd.runs import open_run
 from sqsd.terms import TERMS, Term, check_files, load_terms
 
 COLUMNS = ("index", "id", "danger", "safety", "risk", "risk_z", "n_response_tokens", "loss", "status")
 CHUNKS_DIR = "chunks"
+# The config fields that name the inputs `_inputs` fingerprints (compared by content, not by path).
+INPUT_FIELDS = ("data", "model", "danger", "safety", "danger_anchor", "safety_anchor")
 OK = "ok"
 
 
@@ -173,7 +176,13 @@ def score_rows(path: str | Path) -> list[RawRecord]:
     truncated file) is a DataError naming the file, the line or row and the field."""
     if not Path(path).is_file():
         raise SqsdError(f"scores file {path} does not exist")
-    rows = read_rows(path, {"index": int, "id": str, "status": str})
+    try:
+        rows = read_rows(path, {"index": int, "id": str, "status": str})
+    except DataError as e:
+        if not (Path(path).parent / CHUNKS_DIR).is_dir():
+            raise
+        raise SqsdError(f"{e}; if `sqsd score` wrote it, delete it and rerun the same command: it is merged again "
+                        f"from {CHUNKS_DIR}/") from None
     seen: dict[int, RawRecord] = {}
     for r in rows:
         first = seen.setdefault(r.fields["index"], r)
@@ -241,8 +250,9 @@ def output_path(config: ScoreConfig) -> Path:
 
 
 def _inputs(config: ScoreConfig) -> dict[str, str]:
-    from sqsd.runs import data_fingerprints, fingerprint, model_fingerprint
+    from sqsd.fingerprints import data_fingerprints, fingerprint, model_fingerprint
 
+    check_files(config)  # every direction file and anchor, before any model is loaded
     inputs = {"model": model_fingerprint(config.model), **data_fingerprints(config.data)}
     for term in TERMS:
         for key, value in ((term, getattr(config, term)), (f"{term}_anchor", getattr(config, f"{term}_anchor"))):
@@ -251,41 +261,33 @@ def _inputs(config: ScoreConfig) -> dict[str, str]:
     return inputs
 
 
-def _prepare(config: ScoreConfig) -> str:
-    """Check/create the output folder (rank 0 only): "done" when the merged file exists, else "run"."""
-    from sqsd.runs import prepare_run
-
-    check_files(config)  # every direction file and anchor, before any model is loaded
-    resuming = prepare_run(config.output_dir, config, _inputs(config), config.overwrite)
-    (Path(config.output_dir) / CHUNKS_DIR).mkdir(exist_ok=True)
-    return "done" if resuming and output_path(config).exists() else "run"
-
-
 def score(config: ScoreConfig) -> Path:
-    """`sqsd score`: score `config.data` into `config.output_dir` (see the module docstring); returns the file."""
+    """`sqsd score`: score `config.data` into `config.output_dir` (see the module docstring); returns the file.
+
+    Under a launcher rank 0 claims the folder (`runs.open_run`) and every rank gets its decision."""
+    state = PartialState(cpu=config.device == "cpu")
+    output = output_path(config)
+    with open_run(config.output_dir, config, lambda: _inputs(config), overwrite=config.overwrite, state=state,
+                  input_fields=INPUT_FIELDS) as run:
+        if run.state == "done" and output.is_file():  # a deleted scores file is merged again from the chunks
+            if state.is_main_process:
+                print(f"already done: {output} holds the scores of this config; pass another --output-dir (or "
+                      "--overwrite) to score again")
+            state.wait_for_everyone()
+            return output
+        _score(config, state, run)
+    state.wait_for_everyone()  # no rank returns before the merged file exists
+    return output
+
+
+def _score(config: ScoreConfig, state: PartialState, run: Any) -> None:
     from sqsd.data import load_from_config
     from sqsd.model import load_model
 
-    state = PartialState(cpu=config.device == "cpu")
     main, rank, world = state.is_main_process, state.process_index, state.num_processes
-    output = output_path(config)
-    decision: Any = None
+    folder, output = Path(config.output_dir), output_path(config)
     if main:
-        try:
-            decision = _prepare(config)
-        except SqsdError as e:
-            decision = e
-    decision = broadcast(state, decision)
-    if isinstance(decision, SqsdError):
-        raise decision
-    if decision == "done":
-        if main:
-            print(f"already done: {output} holds the scores of this config; pass another --output-dir (or "
-                  "--overwrite) to score again")
-        state.wait_for_everyone()
-        return output
-
-    folder = Path(config.output_dir)
+        (folder / CHUNKS_DIR).mkdir(exist_ok=True)
     loaded = load_from_config(config)
     if loaded.bad and main:
         print(f"{len(loaded.bad)} bad record(s) left out (--on-bad-record skip); `sqsd data inspect` lists them")
@@ -297,7 +299,7 @@ def score(config: ScoreConfig) -> Path:
     if mine:
         device = str(state.device) if state.use_distributed and config.device != "cpu" else config.device
         model, tokenizer = load_model(config.model, config.dtype, device)
-        model, terms = load_terms(config, model)
+        model, terms = load_terms(config, model, run.inputs["model"])
         todo = sum(len(records[c * config.chunk_size:(c + 1) * config.chunk_size]) for c in mine)
         if main:
             print(f"{len(records)} record(s) in {n_chunks} chunk(s) of {config.chunk_size}: "
@@ -318,6 +320,5 @@ def score(config: ScoreConfig) -> Path:
     state.wait_for_everyone()  # all chunks are written
     if main:
         rows = _merge(folder, records, n_chunks, output)
+        run.finish({"rows": len(rows), "ok": sum(r["status"] == OK for r in rows), "file": output.name})
         print(_summary(rows, output), flush=True)
-    state.wait_for_everyone()  # no rank returns before the merged file exists
-    return output

@@ -8,8 +8,8 @@ alpha/r, recorded when the direction was built from an adapter; 1.0 when absent,
 α = 1 reproduces the adapter merged into the model, α = 0 is the base model, and negative α steers away.
 
 Output folder:
-    <direction stem>/alpha_<α>/   an `sqsd evaluate` folder (generations, judgments, summary.json), plus
-                                  steer.json (model, direction file, α, scaling); reruns reuse it
+    <direction stem>/alpha_<α>/   an `sqsd evaluate` folder (generations, judgments, summary.json) whose
+                                  run.json also records the direction file, α and scaling; reruns reuse it
     steering.jsonl, steering.csv  one row per (direction, α): direction, kind, alpha, scaling, asr, ci_low,
                                   ci_high, over_refusal, n
     steering.png                  ASR vs α per direction (`report.plot_steering`)
@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,10 +34,10 @@ import torch
 from sqsd.config import EvaluateConfig, SteerConfig
 from sqsd.directions import Direction, check, load
 from sqsd.errors import SqsdError
+from sqsd.fingerprints import fingerprint, model_fingerprint
 from sqsd.options import EvalArgs, ModelArgs, OverwriteArgs
-from sqsd.runs import fingerprint, write_json_atomic
+from sqsd.runs import on_main, open_run
 
-STEER_FILE = "steer.json"
 TABLE = "steering"
 FIELDS = ("direction", "kind", "alpha", "scaling", "asr", "ci_low", "ci_high", "over_refusal", "n")
 
@@ -102,26 +101,6 @@ class _Base:
         return self.pair
 
 
-def _claim(folder: Path, record: dict[str, Any], overwrite: bool) -> None:
-    """Make `folder` the evaluation folder of `record` (model, direction, α), reusing it when it matches."""
-    marker = folder / STEER_FILE
-    if marker.exists():
-        old = json.loads(marker.read_text())
-        if old == record:
-            return
-        if not overwrite:
-            diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in record.items() if old.get(k) != v]
-            raise SqsdError(f"{folder} was steered with something else ({'; '.join(diff[:3])}); pass --overwrite "
-                            "to redo it, or choose another --output-dir")
-        shutil.rmtree(folder)
-    elif folder.exists() and any(folder.iterdir()):
-        if not overwrite:
-            raise SqsdError(f"{folder} exists, is not empty and has no {STEER_FILE}; pass --overwrite")
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(marker, record)
-
-
 def _names(paths: tuple[str, ...]) -> list[str]:
     names = [Path(p).stem for p in paths]
     for name in names:
@@ -132,43 +111,49 @@ def _names(paths: tuple[str, ...]) -> list[str]:
 
 
 def steer(config: SteerConfig) -> list[dict[str, Any]]:
-    """Run (or resume) the steering grid of `config`; returns the table rows (also in steering.jsonl/.csv)."""
+    """Run (or resume) the steering grid of `config`; returns the table rows (also in steering.jsonl/.csv).
+    Rank 0 only under a launcher."""
+    return on_main(lambda: _steer(config), config.device)
+
+
+def _steer(config: SteerConfig) -> list[dict[str, Any]]:
     from sqsd.evaluate import evaluate
-    from sqsd.runs import model_fingerprint
 
     out = Path(config.output_dir)
     names = _names(config.directions)
     directions = {path: load(path) for path in config.directions}
-    model_fp = model_fingerprint(config.model)
-    base = _Base(config, directions, model_fp)
-    rows: list[dict[str, Any]] = []
-    for name, path in zip(names, config.directions):
-        direction = directions[path]
-        s = scaling_of(direction)
-        direction_fp = fingerprint(path)
-        for alpha in config.alphas:
-            folder = out / name / alpha_folder(alpha)
-            _claim(folder, {"model": model_fp, "direction": direction_fp, "alpha": alpha, "scaling": s,
-                            "dtype": config.dtype}, config.overwrite)
-            print(f"== {name}: alpha {alpha:g} (W + {alpha * s:g}·T) -> {folder}", flush=True)
-            summary = _evaluate_steered(config, folder, base, direction, alpha * s, evaluate)
-            rows.append(_row(name, direction, alpha, s, summary, config.judge))
-            _write_table(out, rows)
-    _print_table(rows)
-    from sqsd.report import plot_steering
+    # the grid may grow (more directions or alphas): each (direction, alpha) folder checks its own inputs
+    with open_run(out, config, lambda: {"model": model_fingerprint(config.model)}, overwrite=config.overwrite,
+                  input_fields=("model", "directions"), ignore=("alphas",)) as run:
+        base = _Base(config, directions, run.inputs["model"])
+        rows: list[dict[str, Any]] = []
+        for name, path in zip(names, config.directions):
+            direction = directions[path]
+            s = scaling_of(direction)
+            steering = {"direction": fingerprint(path), "scaling": s}
+            for alpha in config.alphas:
+                folder = out / name / alpha_folder(alpha)
+                print(f"== {name}: alpha {alpha:g} (W + {alpha * s:g}·T) -> {folder}", flush=True)
+                summary = _evaluate_steered(config, folder, base, direction, alpha * s, evaluate,
+                                            {**steering, "alpha": alpha})
+                rows.append(_row(name, direction, alpha, s, summary, config.judge))
+                _write_table(out, rows)
+        _print_table(rows)
+        from sqsd.report import plot_steering
 
-    png = plot_steering(out / f"{TABLE}.jsonl", out / f"{TABLE}.png")
+        png = plot_steering(out / f"{TABLE}.jsonl", out / f"{TABLE}.png")
+        run.finish({"rows": len(rows), "table": f"{TABLE}.jsonl"})
     print(f"table: {out / f'{TABLE}.jsonl'} (.csv)   plot: {png}")
     return rows
 
 
 def _evaluate_steered(config: SteerConfig, folder: Path, base: _Base, direction: Direction, coefficient: float,
-                      evaluate: Any) -> dict[str, Any]:
+                      evaluate: Any, steering: dict[str, Any]) -> dict[str, Any]:
     shared = {f.name: getattr(config, f.name) for group in (ModelArgs, EvalArgs, OverwriteArgs)
               for f in dataclasses.fields(group)}
     eval_config = EvaluateConfig(output_dir=str(folder), **{**shared, "benign": config.benign or None})
     with _Steering(base, direction, coefficient) as get_model:
-        return evaluate(eval_config, get_model)
+        return evaluate(eval_config, get_model, steering)
 
 
 class _Steering:

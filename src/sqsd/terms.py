@@ -120,14 +120,15 @@ def _check_anchor_shapes(model: Any, anchor: str, flag: str) -> None:
                             f"{layer.in_features} in); was it trained on another model?")
 
 
-def load_terms(config: ScoreConfig, model: Any) -> tuple[Any, dict[str, Term]]:
+def load_terms(config: ScoreConfig, model: Any, base_fp: str | None = None) -> tuple[Any, dict[str, Term]]:
     """Check the directions and anchors against `model`, load the anchors into it (a PeftModel when any is
-    given), and return (model to score at, {term: Term})."""
+    given), and return (model to score at, {term: Term}). `base_fp`: the model's fingerprint, when the caller
+    already has it."""
     from peft import PeftModel
 
-    from sqsd.runs import model_fingerprint
+    from sqsd.fingerprints import model_fingerprint
 
-    base_fp = model_fingerprint(config.model)
+    base_fp = base_fp or model_fingerprint(config.model)
     loaded = {term: directions.load(getattr(config, term)) for term in TERMS if getattr(config, term)}
     for direction in loaded.values():
         directions.check(direction, model, base_fp)  # before any adapter wraps the linears

@@ -7,15 +7,15 @@ Trainer.
 
 Output folder:
     adapter_model.safetensors + adapter_config.json   (LoRA) or the full model, plus the tokenizer
-    run.json          config + input fingerprints (`runs.prepare_run`); its `result` key marks a finished run
+    run.json          config + input fingerprints + manifest (`runs.open_run`); its `result` marks a finished run
     train_log.jsonl   one line per logging step: step, epoch, loss, learning_rate, grad_norm
     skipped.jsonl     records that could not be trained on, with the reason
     checkpoint-N/     Trainer checkpoints (`save_every`, `save_at`), each enough to resume from
     merged/           base + adapter merged into a plain model folder (`merge`)
 
 Rerunning an identical command into a finished folder prints "already done"; into an unfinished one it continues
-from the last checkpoint (the CLI tells an interrupted user to do exactly that). A different config refuses
-unless `overwrite`.
+from the last complete checkpoint (the CLI tells an interrupted user to do exactly that; a checkpoint cut short
+by a kill is skipped for the one before it). A different config refuses unless `overwrite`.
 
 Distributed training is the Trainer's own (accelerate): launch the same command under a launcher and every rank
 trains on its shard of each global batch, which is `batch_size x world size x grad_accum` samples; rank 0 alone
@@ -49,26 +49,20 @@ from transformers import (
     set_seed,
 )
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
-from transformers.trainer_utils import get_last_checkpoint
 
 from sqsd.config import TrainConfig
 from sqsd.data import Record
 from sqsd.errors import SqsdError
+from sqsd.fingerprints import data_fingerprints, model_fingerprint
 from sqsd.options import LoraArgs
 from sqsd.render import Collator, encode_records
-from sqsd.runs import (
-    RUN_FILE,
-    broadcast,
-    data_fingerprints,
-    model_fingerprint,
-    prepare_run,
-    write_json_atomic,
-)
+from sqsd.runs import broadcast, last_good_checkpoint, open_run
 
 LOG_FILE = "train_log.jsonl"
 SKIPPED_FILE = "skipped.jsonl"
 MERGED_DIR = "merged"
 LOGGED = ("loss", "learning_rate", "grad_norm")
+TRAIN_INPUT_FIELDS = ("data", "model")  # the config fields `train_inputs` fingerprints
 
 
 @dataclass
@@ -239,9 +233,15 @@ def train_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, reco
         raise SqsdError(f"none of the {len(records)} record(s) can be trained on; see {output_dir / SKIPPED_FILE}")
     dataset = [{"input_ids": e.input_ids, "labels": e.labels} for _, e in kept]  # a list is a map-style dataset
 
-    resume_from = get_last_checkpoint(str(output_dir)) if config.resume and output_dir.is_dir() else None
-    if config.resume and resume_from is None:
-        raise SqsdError(f"--resume: no checkpoint-N folder in {output_dir} to continue from")
+    resume_from = None
+    if config.resume:
+        resume_from, bad = last_good_checkpoint(output_dir)
+        for name, problem in bad:
+            _print(main, f"{output_dir / name} is incomplete ({problem}): skipped; it is written again when "
+                         "training reaches that step")
+        if resume_from is None:
+            raise SqsdError(f"--resume: no checkpoint to continue from in {output_dir} (no complete checkpoint-N "
+                              "folder)")
     if main:
         _trim_log(output_dir / LOG_FILE, _checkpoint_step(resume_from))
 
@@ -275,11 +275,11 @@ def train_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, reco
 def train(config: TrainConfig) -> Path:
     """`sqsd train`: load data and model, train into `config.output_dir`, print a summary; return the folder.
 
-    Under a distributed launcher, rank 0 checks and prepares the folder and tells the other ranks what to do,
-    so that a refusal stops every rank instead of leaving the others waiting.
+    Under a distributed launcher, rank 0 checks and prepares the folder (`runs.open_run`) and tells the other
+    ranks what to do, so that a refusal stops every rank instead of leaving the others waiting.
     """
     from sqsd.data import load_from_config
-    from sqsd.model import load_model, model_skeleton
+    from sqsd.model import model_skeleton
 
     start = time.perf_counter()
     state = PartialState(cpu=config.device == "cpu")
@@ -287,22 +287,39 @@ def train(config: TrainConfig) -> Path:
     loaded = load_from_config(config)
     if config.method == "lora":  # refuse what the model cannot take before the run folder is made
         check_lora_targets(model_skeleton(config.model), config.target_modules, config.layers)
-    decision: Any = None
-    if state.is_main_process:
-        try:
-            decision = _prepare(output_dir, config)
-        except SqsdError as e:
-            decision = e
-    decision = broadcast(state, decision)
-    if isinstance(decision, SqsdError):
-        raise decision
-    if decision == "done":
+    with open_run(output_dir, config, lambda: train_inputs(config), overwrite=config.overwrite, state=state,
+                  input_fields=TRAIN_INPUT_FIELDS) as run:
+        decision: Any = None
         if state.is_main_process:
-            done = json.loads((output_dir / RUN_FILE).read_text())["result"]
-            print(f"already done: {output_dir} holds a finished run of this config ({done['steps']} steps, "
-                  f"loss {done['first_loss']} -> {done['last_loss']}); pass another --output-dir to train again")
-        state.wait_for_everyone()
-        return output_dir
+            try:
+                decision = _decide(run.state, output_dir, config)
+            except SqsdError as e:
+                decision = e
+        decision = broadcast(state, decision)
+        if isinstance(decision, SqsdError):
+            raise decision
+        if decision == "done":
+            if state.is_main_process:
+                done = run.result or {}
+                print(f"already done: {output_dir} holds a finished run of this config ({done.get('steps')} "
+                      f"steps, loss {done.get('first_loss')} -> {done.get('last_loss')}); pass another "
+                      "--output-dir to train again")
+            state.wait_for_everyone()
+            return output_dir
+        _train(config, state, loaded, run, decision == "resume", start)
+    state.wait_for_everyone()  # no rank leaves before rank 0 has written the folder
+    return output_dir
+
+
+def train_inputs(config: TrainConfig) -> dict[str, str]:
+    """The fingerprints a training run records: the model and the data."""
+    return {"model": model_fingerprint(config.model), **data_fingerprints(config.data)}
+
+
+def _train(config: TrainConfig, state: PartialState, loaded: Any, run: Any, resume: bool, start: float) -> None:
+    from sqsd.model import load_model
+
+    output_dir = run.path
     if loaded.bad and state.is_main_process:
         print(f"{len(loaded.bad)} bad record(s) left out (--on-bad-record skip):")
         for bad in loaded.bad[:5]:
@@ -316,11 +333,10 @@ def train(config: TrainConfig) -> Path:
     if config.track:  # drift tracking: trajectory.jsonl (sqsd.drift)
         from sqsd.drift import tracker_from_config
 
-        base = json.loads((output_dir / RUN_FILE).read_text())["inputs"]["model"] if state.is_main_process else None
-        base = broadcast(state, base)  # every rank checks the directions alike, so a refusal stops them all
+        # every rank checks the directions alike (rank 0's fingerprint), so a refusal stops them all
         callbacks.append(tracker_from_config(config, model, tokenizer, output_dir, main=state.is_main_process,
-                                             base_fingerprint=base))
-    result = train_model(model, tokenizer, loaded.records, dataclasses.replace(config, resume=decision == "resume"),
+                                             base_fingerprint=run.inputs["model"]))
+    result = train_model(model, tokenizer, loaded.records, dataclasses.replace(config, resume=resume),
                          output_dir, callbacks=callbacks)
     if state.is_main_process:
         if config.track:
@@ -334,27 +350,23 @@ def train(config: TrainConfig) -> Path:
                    "train_records": result.n_train,
                    "skipped_records": result.n_skipped, "world_size": state.num_processes,
                    "global_batch": config.batch_size * config.grad_accum * state.num_processes}
-        run = json.loads((output_dir / RUN_FILE).read_text())
-        write_json_atomic(output_dir / RUN_FILE, {**run, "result": summary})
+        run.finish(summary)
         _print_summary(config, result, summary)
-    state.wait_for_everyone()  # no rank leaves before rank 0 has written the folder
-    return output_dir
 
 
-def _prepare(output_dir: Path, config: TrainConfig) -> str:
-    """Check/create the run folder: "done" (finished), "resume" (continue from a checkpoint) or "fresh"."""
-    inputs = {"model": model_fingerprint(config.model), **data_fingerprints(config.data)}
-    if not prepare_run(output_dir, config, inputs, config.overwrite):
+def _decide(found: str, output_dir: Path, config: TrainConfig) -> str:
+    """What to do in the claimed folder: "done" (finished), "resume" (continue from a checkpoint) or "fresh"."""
+    if found == "fresh":
         if config.resume:
             raise SqsdError(f"--resume: {output_dir} held no earlier run to continue")
         return "fresh"
-    if "result" in json.loads((output_dir / RUN_FILE).read_text()):
+    if found == "done":
         return "done"
-    if get_last_checkpoint(str(output_dir)):
+    if last_good_checkpoint(output_dir)[0]:
         return "resume"
     if config.resume:
-        raise SqsdError(f"--resume: the run in {output_dir} saved no checkpoint; rerun without --resume to "
-                        "start it again")
+        raise SqsdError(f"--resume: the run in {output_dir} saved no complete checkpoint; rerun without --resume "
+                        "to start it again")
     return "fresh"
 
 
@@ -391,7 +403,7 @@ def _print_summary(config: TrainConfig, result: TrainResult, summary: dict[str, 
           f"{summary['global_batch']} ({summary['world_size']} process(es)), {loss}; training "
           f"{summary['train_seconds']:.1f} s, wall {summary['wall_seconds']:.1f} s")
     what = "adapter" if config.method == "lora" else "model"
-    print(f"{what}: {out}   log: {out / LOG_FILE}   run: {out / RUN_FILE}")
+    print(f"{what}: {out}   log: {out / LOG_FILE}   run: {out / 'run.json'}")
     checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: _checkpoint_step(str(p)))
     if checkpoints:
         print(f"checkpoints: {', '.join(p.name for p in checkpoints)}")
