@@ -79,7 +79,7 @@ def test_build_writes_the_adapter_as_direction_and_import_gives_the_same(tmp_pat
     # the source adapter is recorded, so `score` can tell whether a safety anchor is this very checkpoint
     assert early.meta["source"] == str(tmp_path / "early" / "checkpoint-2")
     assert early.meta["source_fingerprint"] == directions.adapter_fingerprint(tmp_path / "early" / "checkpoint-2")
-    assert direction.meta["source_fingerprint"] == directions.adapter_fingerprint(out) != early.meta[
+    assert again.meta["source_fingerprint"] == directions.adapter_fingerprint(out) != early.meta[
         "source_fingerprint"]
     ckpt = directions.lora_factors(load_file(str(tmp_path / "early" / "checkpoint-2" / "adapter_model.safetensors")))
     name = next(iter(ckpt))

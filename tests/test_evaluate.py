@@ -155,14 +155,3 @@ def test_a_smaller_limit_in_a_reused_folder_counts_only_its_prompts(tmp_path, mo
     assert reused["over_refusal"]["n"] == 3
     # the verdicts on the other 3 responses stay in the judged file for a later, larger run
     assert len((tmp_path / "reused" / "harmful.keyword.jsonl").read_text().splitlines()) == 6
-
-
-def test_a_corrupt_judged_file_names_its_line(tmp_path):
-    gens, judged = tmp_path / "g.jsonl", tmp_path / "j.jsonl"
-    _generations(gens, ["Sure."])
-    judged.write_text('{"id": "p0", "sample": 0, "response": "Sure.", "judge": "keyword"}\n{"id": \n')
-    with pytest.raises(SqsdError, match=r"j.jsonl:2: not valid JSON"):
-        judge_file(gens, judged, KeywordJudge, "keyword", overwrite=False)
-    judged.write_text('{"id": "p0", "sample": 0, "response": "Sure."}\n')
-    with pytest.raises(SqsdError, match=r"j.jsonl:1: no field 'judge', not a line sqsd wrote"):
-        judge_file(gens, judged, KeywordJudge, "keyword", overwrite=False)

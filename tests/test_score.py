@@ -436,7 +436,7 @@ def test_a_cut_scores_file_names_itself_and_a_rerun_merges_it_again(files, tmp_p
     out = score.score(config(files, tmp_path / "run"))
     whole = out.read_bytes()
     out.write_bytes(whole[:len(whole) // 2])
-    with pytest.raises(SqsdError, match=r"scores.parquet is not a readable Parquet file .*delete it and rerun"):
+    with pytest.raises(SqsdError, match=r"scores.parquet: not a readable Parquet file.*delete it and rerun"):
         score.read_scores(out)
     out.unlink()
     assert score.score(config(files, tmp_path / "run")) == out and out.read_bytes() == whole
