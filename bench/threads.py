@@ -51,7 +51,7 @@ def worker(option: str, reps: int) -> dict[str, float]:
     from sqsd.generate import generate_records
     from sqsd.model import load_model
     from sqsd.render import Collator, encode_records
-    from sqsd.scoring import lowrank_from_model, project
+    from sqsd.projection import lowrank_from_model, project
 
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
@@ -70,7 +70,7 @@ def worker(option: str, reps: int) -> dict[str, float]:
         return statistics.median(times)
 
     out = {"threads": torch.get_num_threads()}
-    out["generate"] = timed(lambda: generate_records(model, tokenizer, records[:8], max_new_tokens=32,
+    out["generate"] = timed(lambda: generate_records(model, tokenizer, records[:8], max_new_tokens=16,
                                                      batch_size=8, progress=False))
     lora = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
                                             init_lora_weights=False))
@@ -88,7 +88,7 @@ def worker(option: str, reps: int) -> dict[str, float]:
                                          torch.randn(t.shape[0], 8, generator=g) * 0.01)
                            for name, t in lowrank_from_model(lora).modules.items()})
     out["score"] = timed(lambda: project(lora, samples, [direction], pad_token_id=tokenizer.pad_token_id,
-                                         batch_size=8, progress=False))
+                                         adapter="default", batch_size=8, progress=False))
     return out
 
 
@@ -123,7 +123,7 @@ def main() -> None:
         print(json.dumps(worker(opts.worker, opts.reps)))
         return
     print(f"{os.cpu_count()} cores; load average before: {os.getloadavg()[0]:.2f}; median of {opts.reps} "
-          f"after one warm-up; train = LoRA step batch 8 x <=128 tokens, generate = 8 prompts x 32 new tokens, "
+          f"after one warm-up; train = LoRA step batch 8 x <=128 tokens, generate = 8 prompts x 16 new tokens, "
           f"score = one batch of 8, one direction")
     print(f"{'option':<13} {'load':<7} {'threads':>7} {'train s':>8} {'generate s':>10} {'score s':>8}")
     results = {}

@@ -16,7 +16,7 @@ import types
 import typing
 from typing import Any, Literal
 
-from sqsd import config
+from sqsd import config, threads
 from sqsd.errors import SqsdError
 
 # (command,) or (group, command) -> (config class, "module:function", one-line description)
@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(value, list):
             args[name] = tuple(value)
     module, function = target.split(":")
+    threads.configure()  # before the command's module imports torch
     try:
         result = getattr(importlib.import_module(module), function)(cls(**args))
     except SqsdError as e:

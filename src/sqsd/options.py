@@ -59,6 +59,8 @@ class Config:
 
 @dataclass(frozen=True, kw_only=True)
 class LimitArgs(Config):
+    """How many records (or prompts) to use."""
+
     limit: int | None = arg(None, help="use only the first N records (of each prompt set)")
 
     def _validate(self) -> None:
@@ -295,6 +297,8 @@ class EvalArgs(GenerationArgs, LimitArgs):
 
 @dataclass(frozen=True, kw_only=True)
 class WindowSizeArgs(Config):
+    """How many samples each window cut from a ranking holds."""
+
     window_size: int | None = arg(None, help="samples per window")
 
     def _validate(self) -> None:

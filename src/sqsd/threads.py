@@ -1,14 +1,19 @@
 """How many CPU threads PyTorch uses, chosen once per command before torch is imported.
 
 PyTorch's OpenMP threads spin-wait for work. On a small machine shared with another CPU-bound process, one
-thread per core makes them fight that process for the cores, and every step slows down several-fold
-(measured in `bench/threads.py`). `configure` is called by the `sqsd` command before any library module (and
-so torch) is imported; an explicit OMP_NUM_THREADS or OMP_WAIT_POLICY in the environment is always respected.
+thread per core makes them fight that process for the cores, and every step slows down. Measured with
+`bench/threads.py` on 2 cores (SmolLM2, train / generate / score step times relative to PyTorch's default on a
+quiet machine): the default is 2.2-2.8x slower next to one busy process; one thread per *free* core with
+passive waiting (what `configure` does) costs 0.96-1.04x when quiet and 1.31-1.46x under load, which is about
+what one core can do (a single thread: 1.37-1.54x quiet). `configure` is called by the `sqsd` command before
+any library module (and so torch) is imported; an explicit OMP_NUM_THREADS or OMP_WAIT_POLICY in the
+environment is always respected (torchrun sets OMP_NUM_THREADS=1 for its workers).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 
@@ -35,7 +40,12 @@ def free_cores(window: float = 0.25) -> int:
 
 
 def configure() -> None:
-    """Idle threads sleep instead of spinning, and use only the cores that are free (unless the environment says)."""
+    """Idle threads sleep instead of spinning, and use only the cores that are free (unless the environment says).
+
+    Does nothing once torch is imported (OpenMP has read its settings by then), e.g. when `sqsd.cli.main` is
+    called from a Python session or a test."""
+    if "torch" in sys.modules:
+        return
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = str(free_cores())
