@@ -101,8 +101,8 @@ def score_records(model: Any, tokenizer: Any, records: Sequence[Record], *, dang
 
     Returns one row per record in order, with every column of `columns(methods)` but risk_z (a pool statistic,
     see `add_risk_z`); `index` counts from `first_index`. `bar` is advanced by the samples of each batch. The
-    `loss` column is the loss at θ₀ when the baselines computed it (always with `--method loss`), else SQSD's
-    (taken at the danger term's anchor, or the safety term's).
+    `loss` column is the loss at θ₀ with `--method loss`, else SQSD's (taken at the danger term's anchor, or
+    the safety term's), else θ₀'s when a gradient baseline computed it, else empty (random, length alone).
     """
     terms = {name: term for name, term in (("danger", danger), ("safety", safety)) if term is not None}
     if "sqsd" not in methods:
