@@ -18,6 +18,7 @@ DIFFERENT_FLAGS_SAME_NAME = {
     "harmful": "align trains on several harmful sources; evaluation uses one held-out set",
     "benign": "align trains on benign pairs (always); evaluation may skip them ('')",
     "data": "filter re-reads the scored dataset, by default the one its scores record",
+    "method": "train/align choose LoRA or full fine-tuning; score chooses its scorers (SQSD and the baselines)",
 }
 
 

@@ -385,7 +385,8 @@ def test_torchrun_two_processes_write_the_same_file_as_one(files, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     args = ["-m", "sqsd", "score", str(files.data), "--model", str(files.model), "--danger", str(files.danger),
             "--safety", str(files.safety), "--danger-anchor", str(files.danger_anchor), "--safety-anchor",
-            str(files.safety_anchor), "--max-length", str(MAX_LENGTH), "--batch-size", "2", "--chunk-size", "2"]
+            str(files.safety_anchor), "--max-length", str(MAX_LENGTH), "--batch-size", "2", "--chunk-size", "2",
+            "--method", "sqsd", "grad-norm", "self-inf-n", "loss", "random", "length"]  # every method, sharded
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     results = {}
     for name, launcher in (("ddp", torchrun), ("single", [sys.executable])):
@@ -397,6 +398,7 @@ def test_torchrun_two_processes_write_the_same_file_as_one(files, tmp_path):
     assert results["ddp"].count("riskiest") == 1  # rank 0 alone merged and summarised
     ddp, single = (pq.read_table(tmp_path / n / "scores.parquet").to_pylist() for n in ("ddp", "single"))
     assert ddp == single and all(r["status"] == "ok" for r in ddp)  # float32, identical to the last bit
+    assert all(r["score"] == r["sqsd"] == r["risk"] and r["grad-norm"] > 0 for r in ddp)
     for chunk in range(5):
         name = f"chunks/{chunk:05d}.jsonl"
         assert (tmp_path / "ddp" / name).read_text() == (tmp_path / "single" / name).read_text()

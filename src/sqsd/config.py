@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from sqsd.options import (
+    METHODS,
     AdapterArgs,
     BatchArgs,
     Config,
@@ -270,12 +271,15 @@ class ReportSteeringConfig(ReportArgs):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ScoreConfig(DataArgs, ModelArgs, RenderArgs, MetricArgs, BatchArgs, OutputDirArgs, OverwriteArgs):
+class ScoreConfig(DataArgs, ModelArgs, RenderArgs, MetricArgs, BatchArgs, SeedArgs, OutputDirArgs, OverwriteArgs):
     """`sqsd score`: per-sample SQSD risk = projection of the update a sample induces on the danger direction
     minus that on the safety direction. Writes scores.parquet (or .jsonl) with index, id, danger, safety, risk,
     risk_z, n_response_tokens, loss, status into OUTPUT_DIR (with chunks/ and run.json); resumable (chunk by
     chunk) and shardable with torchrun. Batches are length-bucketed within a chunk."""
 
+    method: tuple[str, ...] = arg(("sqsd",), help=f"scoring method(s), higher = riskier: {', '.join(METHODS)} "
+                                                  "(README, Scoring); `score` holds the first, and with several "
+                                                  "each also gets a column named after it")
     danger: str | None = arg(None, help="danger direction file (`sqsd directions build/import`); unset = no danger term")
     safety: str | None = arg(None, help="safety direction file; unset = no safety term")
     danger_anchor: str | None = arg(None, help="PEFT adapter folder at which the danger term is taken (the paper: "
@@ -296,7 +300,12 @@ class ScoreConfig(DataArgs, ModelArgs, RenderArgs, MetricArgs, BatchArgs, Output
     max_length: int = 512
 
     def _validate(self) -> None:
-        check(bool(self.danger or self.safety), "give --danger and/or --safety (a direction file each)")
+        unknown = [m for m in self.method if m not in METHODS]
+        check(not unknown, f"unknown --method {unknown[0] if unknown else ''!r}; choose from {', '.join(METHODS)}")
+        check(bool(self.method) and len(set(self.method)) == len(self.method),
+              "--method needs one or more distinct methods")
+        check(bool(self.danger or self.safety) or "sqsd" not in self.method,
+              "give --danger and/or --safety (a direction file each) for --method sqsd")
         for term in ("danger", "safety"):
             check(getattr(self, term) or not getattr(self, f"{term}_anchor"),
                   f"--{term}-anchor is given but --{term} is not: which direction should be scored there?")

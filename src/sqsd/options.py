@@ -21,6 +21,8 @@ Format = Literal["auto", "alpaca", "dolly", "messages", "prompt-completion", "be
 DATA_FORMATS: tuple[str, ...] = typing.get_args(Format)
 Metric = Literal["cosine-sum", "projection", "cosine"]
 METRICS: tuple[str, ...] = typing.get_args(Metric)
+# `sqsd score --method`: SQSD and the baselines of `sqsd.baselines`.
+METHODS: tuple[str, ...] = ("sqsd", "random", "length", "loss", "grad-norm", "self-inf-n")
 Kind = Literal["danger", "safety"]
 
 # The evaluation every measured figure of the README uses (keyword judge, greedy): `evaluate`, `steer` and

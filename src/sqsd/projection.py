@@ -124,7 +124,8 @@ def _t_sq(directions: Sequence[Direction], modules: list[str], dtype: torch.dtyp
 
 
 def _on(directions: Sequence[Direction], modules: list[str]) -> torch.Tensor:
-    return torch.tensor([[name in d.modules for name in modules] for d in directions], dtype=torch.bool)
+    on = torch.tensor([[name in d.modules for name in modules] for d in directions], dtype=torch.bool)
+    return on.reshape(len(directions), len(modules))
 
 
 class _Capture:
@@ -185,7 +186,7 @@ class _Capture:
         gAAt = torch.einsum("bri,si->brs", gA, ctx["A"])  # gA Aᵀ (b, r, r)
         sq = ((gB @ ctx["AAt"]) * gB).sum((1, 2)) + ((ctx["BtB"] @ gA) * gA).sum((1, 2)) \
             + 2 * torch.einsum("brs,bsr->b", cross, gAAt)
-        self._add(m, torch.stack(dots, 1), sq)
+        self._add(m, dots, sq)
 
     def _hook_dense(self, linear: torch.nn.Linear, m: int, matrices: list) -> None:
         saved: dict = {}
@@ -199,13 +200,15 @@ class _Capture:
                 dots = [torch.zeros(a.shape[0], dtype=self.dtype, device=a.device) if t is None
                         else -(delta * t.apply(a)).sum((1, 2)) for t in matrices]
                 sq = ((a @ a.transpose(1, 2)) * (delta @ delta.transpose(1, 2))).sum((1, 2))
-                self._add(m, torch.stack(dots, 1), sq)
+                self._add(m, dots, sq)
             output.register_hook(grad_out)
 
         self.handles.append(linear.register_forward_hook(on_forward))
 
-    def _add(self, m: int, dots: torch.Tensor, sq: torch.Tensor) -> None:
-        self.dots[m], self.sq[m] = dots.cpu(), sq.cpu()
+    def _add(self, m: int, dots: list[torch.Tensor], sq: torch.Tensor) -> None:
+        """Per direction (b,) dots, stacked to (b, D) (D may be 0: norms only), and (b,) squared norms."""
+        stacked = torch.stack(dots, 1) if dots else sq.new_zeros(sq.shape[0], 0)
+        self.dots[m], self.sq[m] = stacked.cpu(), sq.cpu()
 
     def take(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(b, D, M) dots and (b, M) squared norms of the last backward; clears the buffers."""
@@ -309,13 +312,16 @@ def _accum_dtype(model) -> torch.dtype:
 
 def project(model, samples: Sequence[Encoded], directions: Sequence[Direction], *, pad_token_id: int,
             adapter: str | None = None, scaling: float | None = None, batch_size: int = 8,
-            padding_side: str = "right", progress: bool = True) -> Projections:
+            padding_side: str = "right", progress: bool = True,
+            modules: Sequence[str] | None = None) -> Projections:
     """Fast path: per-sample projections for `samples` on `directions`.
 
     `adapter` names the anchor adapter of a PeftModel (LoRA mode; `scaling` overrides its alpha/r while
     scoring); None scores in dense mode at the model's own weights, with any adapters switched off. Samples
-    are length-bucketed into batches; results come back in input order."""
-    modules, dtype = _modules(directions), _accum_dtype(model)
+    are length-bucketed into batches; results come back in input order. `modules` (default: those of the
+    directions) are the modules whose ‖δW_m‖² is measured; with no directions, only these norms (and the loss)
+    are computed (`sqsd.baselines`' gradient norm)."""
+    modules, dtype = list(modules) if modules else _modules(directions), _accum_dtype(model)
     mode = "dense" if adapter is None else "lora"
     if mode == "lora":
         if not isinstance(model, PeftModel) or adapter not in model.peft_config:

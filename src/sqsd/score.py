@@ -5,6 +5,10 @@ anchor) and onto the safety direction (taken at the safety anchor), and risk = d
 A term without an anchor is scored in dense mode, at the model itself; a missing term leaves its column empty
 and counts as 0 in the risk.
 
+`--method` picks SQSD and/or the baselines of `sqsd.baselines` (random, length, loss, grad-norm, self-inf-n):
+`score` holds the first method's score (SQSD's = risk), and with several methods each gets a column named after
+it; the baselines at θ₀ share one dense pass per batch.
+
 `score_records` is the core for callers that already hold a model (tests, experiments); `score` is the command:
 it validates the direction files and anchors (`terms.check_files`, before any model is loaded), loads data,
 model and anchors, scores in chunks and merges them into one file. The maths is `projection.project`.
@@ -40,6 +44,7 @@ import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
+from sqsd.baselines import AT_THETA0, block_linears, method_scores, theta0
 from sqsd.config import ScoreConfig
 from sqsd.data import Record
 from sqsd.errors import DataError, SqsdError
@@ -50,7 +55,7 @@ from sqsd.render import Encoded, Skip, encode_record
 from sqsd.runs import open_run
 from sqsd.terms import TERMS, Term, check_files, load_terms
 
-COLUMNS = ("index", "id", "danger", "safety", "risk", "risk_z", "n_response_tokens", "loss", "status")
+COLUMNS = ("index", "id", "danger", "safety", "risk", "risk_z", "n_response_tokens", "loss", "status", "score")
 CHUNKS_DIR = "chunks"
 # The config fields that name the inputs `_inputs` fingerprints (compared by content, not by path).
 INPUT_FIELDS = ("data", "model", "danger", "safety", "danger_anchor", "safety_anchor")
@@ -74,6 +79,12 @@ def _batches(samples: Sequence[tuple[int, Encoded]], batch_size: int) -> Iterato
         yield ordered[start:start + batch_size]
 
 
+def columns(methods: Sequence[str]) -> tuple[str, ...]:
+    """The columns of the scores file: COLUMNS (`score` = the first method's), plus with several methods one
+    column per method named after it (`loss` is already one)."""
+    return COLUMNS + (tuple(m for m in methods if m not in COLUMNS) if len(methods) > 1 else ())
+
+
 def _skip_row(index: int, record_id: str, reason: str) -> dict[str, Any]:
     return {"index": index, "id": record_id, "danger": None, "safety": None, "risk": None,
             "n_response_tokens": None, "loss": None, "status": f"skipped: {reason}"}
@@ -81,18 +92,29 @@ def _skip_row(index: int, record_id: str, reason: str) -> dict[str, Any]:
 
 def score_records(model: Any, tokenizer: Any, records: Sequence[Record], *, danger: Term | None = None,
                   safety: Term | None = None, metric: str = "cosine-sum", system_prompt: str | None = None,
-                  max_length: int = 512, batch_size: int = 8, first_index: int = 0,
-                  bar: tqdm | None = None) -> list[dict[str, Any]]:
-    """Score `records` at `model` (a PeftModel holding the terms' adapters, or a plain model for dense terms).
+                  max_length: int = 512, batch_size: int = 8, first_index: int = 0, bar: tqdm | None = None,
+                  methods: Sequence[str] = ("sqsd",), seed: int = 0,
+                  modules: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Score `records` at `model` (a PeftModel holding the terms' adapters, or a plain model for dense terms)
+    under each of `methods` (`sqsd`, or the baselines of `sqsd.baselines`, which use `seed` and `modules`:
+    default `baselines.block_linears`).
 
-    Returns one row per record in order, with every column of COLUMNS but risk_z (a pool statistic, see
-    `add_risk_z`); `index` counts from `first_index`. `bar` is advanced by the samples of each batch.
+    Returns one row per record in order, with every column of `columns(methods)` but risk_z (a pool statistic,
+    see `add_risk_z`); `index` counts from `first_index`. `bar` is advanced by the samples of each batch. The
+    `loss` column is the loss at θ₀ with `--method loss`, else SQSD's (taken at the danger term's anchor, or
+    the safety term's), else θ₀'s when a gradient baseline computed it, else empty (random, length alone).
     """
     terms = {name: term for name, term in (("danger", danger), ("safety", safety)) if term is not None}
-    if not terms:
+    if "sqsd" not in methods:
+        terms = {}
+    elif not terms:
         raise SqsdError("nothing to score: give a danger and/or a safety direction")
     passes = _passes(terms)
-    check_logits(model)
+    need_theta0 = any(m in AT_THETA0 for m in methods)
+    if terms or need_theta0:
+        check_logits(model)
+    if need_theta0:
+        modules = list(modules or block_linears(model))
     device = next(model.parameters()).device
     dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
     directions = {name: term.direction.to(dtype, device) for name, term in terms.items()}
@@ -117,12 +139,21 @@ def score_records(model: Any, tokenizer: Any, records: Sequence[Record], *, dang
                 values[name] = scores[:, d]
             if loss_term in names:
                 loss = p.loss
+        at0 = theta0(model, [e for _, e in batch], modules, tokenizer.pad_token_id, len(batch)) \
+            if need_theta0 else None
+        if at0 is not None and ("loss" in methods or loss is None):
+            loss = at0.loss
         for b, (i, encoded) in enumerate(batch):
             row = {"index": first_index + i, "id": records[i].id,
                    **{name: float(values[name][b]) if name in values else None for name in TERMS}}
-            row["risk"] = (row["danger"] or 0.0) - (row["safety"] or 0.0)
-            row.update(n_response_tokens=encoded.n_response_tokens, loss=float(loss[b]), status=OK)
-            bad = [k for k in ("danger", "safety", "loss") if row[k] is not None and not math.isfinite(row[k])]
+            row["risk"] = (row["danger"] or 0.0) - (row["safety"] or 0.0) if terms else None
+            row.update(n_response_tokens=encoded.n_response_tokens,
+                       loss=None if loss is None else float(loss[b]), status=OK)
+            scores = method_scores(methods, seed, records[i].id, encoded.n_response_tokens,
+                                   None if at0 is None else (float(at0.loss[b]), float(at0.sq[b].sum())))
+            scores["sqsd"] = row["risk"]
+            row.update({m: scores[m] for m in methods}, score=scores[methods[0]])
+            bad = [k for k in row if isinstance(row[k], float) and not math.isfinite(row[k])]
             rows[i] = _skip_row(row["index"], row["id"], f"non-finite {bad[0]} ({row[bad[0]]}); the model "
                                 "overflows in this dtype? try --dtype float32") if bad else row
         if bar is not None:
@@ -147,25 +178,27 @@ def add_risk_z(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         mean, std = stats[term]
         return (row[term] - mean) / std if std > 0 else 0.0
 
-    return [{**r, "risk_z": z(r, "danger") - z(r, "safety") if r["status"] == OK else None} for r in rows]
+    return [{**r, "risk_z": z(r, "danger") - z(r, "safety") if r["status"] == OK and r["risk"] is not None
+             else None} for r in rows]
 
 
 # --- score files -------------------------------------------------------------------------------------------------
 
-def write_scores(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Write rows (COLUMNS) to `path` (.parquet or .jsonl) atomically: a temporary file, then a rename."""
+def write_scores(rows: Sequence[dict[str, Any]], path: Path, cols: Sequence[str] = COLUMNS) -> Path:
+    """Write rows (the columns `cols`) to `path` (.parquet or .jsonl) atomically: a temporary file, then a
+    rename."""
     tmp = path.with_name(path.name + ".tmp")
     if path.suffix == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         types = {"index": pa.int64(), "id": pa.string(), "n_response_tokens": pa.int64(), "status": pa.string()}
-        schema = pa.schema([(c, types.get(c, pa.float64())) for c in COLUMNS])
-        pq.write_table(pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in rows], schema=schema),
+        schema = pa.schema([(c, types.get(c, pa.float64())) for c in cols])
+        pq.write_table(pa.Table.from_pylist([{c: r.get(c) for c in cols} for r in rows], schema=schema),
                        str(tmp))
     else:
         with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps({c: r.get(c) for c in COLUMNS}) + "\n" for r in rows)
+            f.writelines(json.dumps({c: r.get(c) for c in cols}) + "\n" for r in rows)
     os.replace(tmp, path)
     return path
 
@@ -211,7 +244,8 @@ def _chunk_path(folder: Path, chunk: int) -> Path:
     return folder / CHUNKS_DIR / f"{chunk:05d}.jsonl"
 
 
-def _merge(folder: Path, records: Sequence[Record], n_chunks: int, output: Path) -> list[dict[str, Any]]:
+def _merge(folder: Path, records: Sequence[Record], n_chunks: int, output: Path,
+           methods: Sequence[str]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for chunk in range(n_chunks):
         path = _chunk_path(folder, chunk)
@@ -223,12 +257,12 @@ def _merge(folder: Path, records: Sequence[Record], n_chunks: int, output: Path)
         raise SqsdError(f"the chunks in {folder / CHUNKS_DIR} do not match the data (ids or order differ); rerun "
                         "with --overwrite")
     rows = add_risk_z(rows)
-    write_scores(rows, output)
+    write_scores(rows, output, columns(methods))
     return rows
 
 
 def _summary(rows: Sequence[dict[str, Any]], output: Path) -> str:
-    ok = sorted((r for r in rows if r["status"] == OK), key=lambda r: (-r["risk"], r["index"]))
+    ok = sorted((r for r in rows if r["status"] == OK), key=lambda r: (-r["score"], r["index"]))
     skipped = [r for r in rows if r["status"] != OK]
     lines = [f"{len(rows)} record(s): {len(ok)} scored, {len(skipped)} skipped -> {output}"]
     reasons: dict[str, int] = {}
@@ -238,8 +272,8 @@ def _summary(rows: Sequence[dict[str, Any]], output: Path) -> str:
     if ok:
         def fmt(v: float | None) -> str:
             return "-" if v is None else f"{v:+.4f}"
-        lines.append(f"riskiest {min(5, len(ok))}:\n  {'risk':>9} {'danger':>9} {'safety':>9}  id")
-        lines += [f"  {fmt(r['risk']):>9} {fmt(r['danger']):>9} {fmt(r['safety']):>9}  {r['id']}" for r in ok[:5]]
+        lines.append(f"riskiest {min(5, len(ok))}:\n  {'score':>9} {'danger':>9} {'safety':>9}  id")
+        lines += [f"  {fmt(r['score']):>9} {fmt(r['danger']):>9} {fmt(r['safety']):>9}  {r['id']}" for r in ok[:5]]
     return "\n".join(lines)
 
 
@@ -313,12 +347,13 @@ def _score(config: ScoreConfig, state: PartialState, run: Any) -> None:
                 rows = score_records(model, tokenizer, records[first:first + config.chunk_size],
                                      danger=terms.get("danger"), safety=terms.get("safety"), metric=config.metric,
                                      system_prompt=config.system_prompt, max_length=config.max_length,
-                                     batch_size=config.batch_size, first_index=first, bar=bar)
+                                     batch_size=config.batch_size, first_index=first, bar=bar,
+                                     methods=config.method, seed=config.seed)
                 _write_chunk(_chunk_path(folder, chunk), rows)
         if main:
             print(f"scored {todo} sample(s) in {time.perf_counter() - start:.1f} s on this process", flush=True)
     state.wait_for_everyone()  # all chunks are written
     if main:
-        rows = _merge(folder, records, n_chunks, output)
+        rows = _merge(folder, records, n_chunks, output, config.method)
         run.finish({"rows": len(rows), "ok": sum(r["status"] == OK for r in rows), "file": output.name})
         print(_summary(rows, output), flush=True)
