@@ -308,8 +308,9 @@ class ScoreConfig(DataArgs, ModelArgs, RenderArgs, MetricArgs, BatchArgs, SeedAr
               "--method needs one or more distinct methods")
         check(bool(self.danger or self.safety) or "sqsd" not in self.method,
               "give --danger and/or --safety (a direction file each) for --method sqsd")
-        check("gradsim" not in self.method or bool(self.harmful_anchors and self.safe_anchors),
-              "--method gradsim needs --harmful-anchors and --safe-anchors")
+        for method in ("gradsim", "repsim"):
+            check(method not in self.method or bool(self.harmful_anchors and self.safe_anchors),
+                  f"--method {method} needs --harmful-anchors and --safe-anchors")
         check("safety-influence" not in self.method or bool(self.safe_anchors),
               "--method safety-influence needs --safe-anchors (the refusal probe set)")
         for term in ("danger", "safety"):

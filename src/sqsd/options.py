@@ -23,7 +23,7 @@ Metric = Literal["cosine-sum", "projection", "cosine"]
 METRICS: tuple[str, ...] = typing.get_args(Metric)
 # `sqsd score --method`: SQSD and the baselines of `sqsd.baselines`.
 METHODS: tuple[str, ...] = ("sqsd", "random", "length", "loss", "grad-norm", "self-inf-n", "gradsim",
-                            "safety-influence")
+                            "safety-influence", "repsim")
 Kind = Literal["danger", "safety"]
 
 # The evaluation every measured figure of the README uses (keyword judge, greedy): `evaluate`, `steer` and
@@ -143,9 +143,9 @@ class AnchorArgs(Config):
     """The anchor sets of the anchored baselines (`sqsd.baselines`): any data the data layer reads."""
 
     harmful_anchors: str | None = arg(None, help="harmful prompts with compliant responses (e.g. `sqsd directions "
-                                                 "data --kind danger`); needed by --method gradsim")
+                                                 "data --kind danger`); needed by --method gradsim and repsim")
     safe_anchors: str | None = arg(None, help="harmful prompts with refusals (e.g. `sqsd directions data --kind "
-                                              "safety`); needed by --method gradsim and safety-influence")
+                                              "safety`); needed by --method gradsim, repsim and safety-influence")
 
 
 @dataclass(frozen=True, kw_only=True)
