@@ -238,11 +238,14 @@ def test_safety_influence_is_the_first_order_change_of_the_refusal_loss_and_its_
     g, g_ref, eta = _grad(model, tok, sample), _grad(model, tok, refusals[0]), 1e-5
     steps = torch.split(g, [w.numel() for w in weights])
     losses = []
-    for sign in (-1, 2, -1):  # θ₀ − η∇L(x), θ₀ + η∇L(x), back to θ₀
+    for sign in (-1, 1):  # the refusal loss at θ₀ − η∇L(x) (one SGD step on x), then at θ₀ + η∇L(x)
         with torch.no_grad():
             for w, step in zip(weights, steps, strict=True):
                 w += sign * eta * step.view_as(w)
         losses.append(_literal(model, tok, refusals[0])[0])
+        with torch.no_grad():
+            for w, step in zip(weights, steps, strict=True):
+                w -= sign * eta * step.view_as(w)
     change = (losses[0] - losses[1]) / 2  # a central difference: the second-order term cancels
     assert math.isclose(risky["score"] * g_ref.norm().item() * eta, change, rel_tol=1e-3)
 
