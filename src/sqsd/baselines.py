@@ -10,27 +10,52 @@ truncation) at the model's own weights θ₀ (no adapter):
                 samples)
     self-inf-n  log(‖∇_θ L(x)‖² + 1) + log(n + 1)        (Self-Inf-N, Guan et al., ICML 2025, "Benign samples
                 matter")
+    gradsim     cos(∇L(x), ḡ_harm) − cos(∇L(x), ḡ_safe)  (He, Xia, Henderson, COLM 2024: bidirectional
+                anchoring, gradient features)
+    safety-influence  ⟨−∇L(x), ḡ_safe⟩ / ‖ḡ_safe‖      (GradShield-style first-order influence on a safety
+                proxy, arXiv 2605.14194): to first order, how much one SGD step on x raises the refusal loss
+    repsim      cos(h(x), h̄_harm) − cos(h(x), h̄_safe)  (He, Xia, Henderson, COLM 2024: representation features)
+
+ḡ_set = (1/|set|) Σ_{a ∈ set} ∇_θ L(a) at θ₀ over the same modules: the mean over the anchors of each anchor's
+own mean-token loss gradient (every anchor weighs the same, whatever its length). The harmful anchors are harmful
+prompts with compliant responses, the safe anchors the same kind of prompts with refusals; for safety-influence
+L_refusal = (1/|safe|) Σ_a L(a), so ∇L_refusal = ḡ_safe exactly. A cosine with a zero gradient is 0.
+h(x) is the final hidden state (`last_hidden_state`, after the final norm) at x's last response token (the
+end-of-turn token that closes the response) at θ₀, and h̄_set the mean of h over the set (forward only).
 
 The gradient norm is exact and never materialised: the dense-mode pass of `projection.project` with no
 directions gives per module ‖G_m‖² = Σ_{t,t'} (a_t·a_t')(δ_t·δ_t') (`Projections.sq`), and ‖∇L‖² is their sum.
 The modules are every linear layer of the model but its LM head (`block_linears`: for a decoder-only
 transformer, q/k/v/o/gate/up/down of every block). `loss`, `grad-norm` and `self-inf-n` requested together
-share that one pass (`theta0`).
+share that one pass (`theta0`). A mean anchor gradient is a dense direction (`anchor_gradient`, computed once
+per run), so gradsim's and safety-influence's ⟨δW(x), ḡ⟩ (δW = −∇L) come out of that same pass too.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
 
 import torch
+from peft import PeftModel
 
-from sqsd.projection import Projections, _base, project
-from sqsd.render import Encoded
+from sqsd.directions import Dense, Direction
+from sqsd.errors import SqsdError
+from sqsd.projection import Projections, _accum_dtype, _base, _batch_loss, project
+from sqsd.render import IGNORE, Collator, Encoded, Skip, encode_record
 
 # The methods that need the pass at θ₀ (a forward and a backward per batch).
-AT_THETA0 = ("loss", "grad-norm", "self-inf-n")
+AT_THETA0 = ("loss", "grad-norm", "self-inf-n", "gradsim", "safety-influence")
+# Where `anchor_features` keeps a run's anchor gradients and mean hidden states, in its output folder.
+ANCHOR_FILE = "anchors.safetensors"
+# The anchor sets each anchored method needs: gradients (ḡ) and mean hidden states (h̄).
+ANCHORS = {"gradsim": ("harm", "safe"), "safety-influence": ("safe",)}
+HIDDEN_ANCHORS = {"repsim": ("harm", "safe")}
 
 
 def random_score(seed: int, record_id: str) -> float:
@@ -53,19 +78,71 @@ def block_linears(model: torch.nn.Module) -> list[str]:
             if isinstance(m, torch.nn.Linear) and m is not head and ".lora_" not in name]
 
 
+def anchor_gradient(model: torch.nn.Module, anchors: Sequence[Encoded], modules: Sequence[str], pad_token_id: int,
+                    batch_size: int, kind: str) -> Direction:
+    """ḡ = (1/|anchors|) Σ_a ∇_W L(a) at θ₀ (any adapters switched off) for each weight W of `modules`, as a
+    Direction of Dense (out, in) matrices in the accumulation dtype (float64 for a float64 model, else float32).
+
+    Batched: the backward of Σ_a L(a) / |anchors| per batch, summed over batches in that dtype; every other
+    parameter is frozen, and the model's grad flags, .grad and mode are restored."""
+    if not anchors:
+        raise SqsdError(f"no anchors to take the {kind} gradient of")
+    base = _base(model)
+    weights = {name: base.get_submodule(name).weight for name in modules}
+    dtype = _accum_dtype(model)
+    off = model.disable_adapter() if isinstance(model, PeftModel) else nullcontext()
+    flags = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+    was_training = model.training
+    model.eval()
+    model.requires_grad_(False)
+    for w in weights.values():
+        w.grad = None
+        w.requires_grad_(True)
+    device = next(model.parameters()).device
+    collate = Collator(pad_token_id)
+    total = {name: torch.zeros(w.shape, dtype=dtype, device=w.device) for name, w in weights.items()}
+    order = sorted(range(len(anchors)), key=lambda i: len(anchors[i].input_ids))
+    try:
+        with off:
+            for start in range(0, len(order), batch_size):
+                items = [{"input_ids": anchors[i].input_ids, "labels": anchors[i].labels}
+                         for i in order[start:start + batch_size]]
+                batch = {k: v.to(device) for k, v in collate(items).items()}
+                per_sample, _ = _batch_loss(model, batch, dtype)
+                (per_sample.sum() / len(anchors)).backward()
+                for name, w in weights.items():  # summed in `dtype`, not in the weights' own (maybe bf16)
+                    total[name] += w.grad.to(dtype)
+                    w.grad = None
+        return Direction({name: Dense(t.cpu()) for name, t in total.items()}, kind=kind)
+    finally:
+        for p, flag, grad in flags:
+            p.requires_grad_(flag)
+            p.grad = grad
+        model.train(was_training)
+
+
 def theta0(model: torch.nn.Module, samples: Sequence[Encoded], modules: Sequence[str], pad_token_id: int,
-           batch_size: int) -> Projections:
-    """The dense pass at θ₀ (any adapters switched off) with no directions: per-sample loss and per-module
-    ‖∇_{W_m} L‖² over `modules`."""
-    return project(model, samples, [], modules=modules, adapter=None, pad_token_id=pad_token_id,
+           batch_size: int, anchors: Sequence[Direction] = ()) -> Projections:
+    """The dense pass at θ₀ (any adapters switched off) on the anchor gradients `anchors`: per-sample loss,
+    per-module ‖∇_{W_m} L‖² over `modules` and ⟨−∇_{W_m} L, ḡ_m⟩."""
+    return project(model, samples, list(anchors), modules=modules, adapter=None, pad_token_id=pad_token_id,
                    batch_size=batch_size, progress=False)
 
 
+def _cos(dot: float, anchor_norm: float, norm: float) -> float:
+    """cos(∇L, ḡ) from ⟨δW, ḡ⟩ = −⟨∇L, ḡ⟩; 0 where either vector is zero."""
+    return -dot / (norm * anchor_norm) if norm * anchor_norm > 0 else 0.0
+
+
 def method_scores(methods: Sequence[str], seed: int, record_id: str, n_tokens: int,
-                  at_theta0: tuple[float, float] | None) -> dict[str, float]:
+                  at_theta0: tuple[float, float] | None,
+                  anchored: dict[str, tuple[float, float]] | None = None,
+                  representation: float | None = None) -> dict[str, float]:
     """The score of one sample under each baseline in `methods` (`sqsd` is the scorer's own); `at_theta0` =
-    (loss, ‖∇L‖²) from `theta0` when any method needs it."""
+    (loss, ‖∇L‖²) from `theta0` when any method needs it; `anchored` = {anchor name: (⟨−∇L, ḡ⟩, ‖ḡ‖)} over
+    the same modules, for the anchored methods; `representation` = repsim's score (`repsim`)."""
     out: dict[str, float] = {}
+    norm = math.sqrt(at_theta0[1]) if at_theta0 is not None else 0.0
     for method in methods:
         if method == "random":
             out[method] = random_score(seed, record_id)
@@ -77,4 +154,92 @@ def method_scores(methods: Sequence[str], seed: int, record_id: str, n_tokens: i
             out[method] = math.sqrt(at_theta0[1])
         elif method == "self-inf-n":
             out[method] = self_inf_n(at_theta0[1], n_tokens)
+        elif method == "gradsim":
+            out[method] = _cos(*anchored["harm"], norm) - _cos(*anchored["safe"], norm)
+        elif method == "safety-influence":
+            dot, anchor_norm = anchored["safe"]
+            out[method] = dot / anchor_norm if anchor_norm > 0 else 0.0
+        elif method == "repsim":
+            out[method] = representation
     return out
+
+
+def encode_anchors(path: str, flag: str, tokenizer: Any, system_prompt: str | None,
+                   max_length: int) -> list[Encoded]:
+    """The records of an anchors file (any format the data layer reads), rendered and truncated as the pool is;
+    records with no response token left are left out. An anchors file with no usable record is an error."""
+    from sqsd.data import load_records
+
+    encoded = [encode_record(r, tokenizer, system_prompt, max_length) for r in load_records(path).records]
+    kept = [e for e in encoded if not isinstance(e, Skip)]
+    if not kept:
+        raise SqsdError(f"{flag} {path}: no usable record (every one was skipped: {encoded[0].reason})")
+    return kept
+
+
+@torch.no_grad()
+def last_hidden(model: torch.nn.Module, samples: Sequence[Encoded], pad_token_id: int,
+                batch_size: int) -> torch.Tensor:
+    """(n, hidden) final hidden states (after the final norm) at each sample's last response token, at θ₀ (any
+    adapters switched off), in the accumulation dtype, in input order. Forward only, length-bucketed batches."""
+    base = _base(model)
+    dtype = _accum_dtype(model)
+    out = torch.zeros(len(samples), base.config.hidden_size, dtype=dtype)
+    off = model.disable_adapter() if isinstance(model, PeftModel) else nullcontext()
+    collate = Collator(pad_token_id)
+    device = next(model.parameters()).device
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids))
+    was_training = model.training
+    model.eval()
+    try:
+        with off:
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                batch = {k: v.to(device) for k, v in collate(
+                    [{"input_ids": samples[i].input_ids, "labels": samples[i].labels} for i in idx]).items()}
+                hidden = base.get_decoder()(input_ids=batch["input_ids"],
+                                            attention_mask=batch["attention_mask"]).last_hidden_state  # (b, T, d)
+                # the last supervised position: (labels != IGNORE) · position, maximised over the sequence
+                positions = torch.arange(hidden.shape[1], device=device)
+                last = ((batch["labels"] != IGNORE) * positions).argmax(-1)  # (b,)
+                out[idx] = hidden[torch.arange(len(idx), device=device), last].to(dtype).cpu()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def repsim(h: torch.Tensor, harm: torch.Tensor, safe: torch.Tensor) -> torch.Tensor:
+    """(n,) cos(h, h̄_harm) − cos(h, h̄_safe) for (n, d) hidden states h; 0 for a zero vector."""
+    def cos(mean: torch.Tensor) -> torch.Tensor:
+        denom = h.norm(dim=-1) * mean.norm()
+        return torch.where(denom > 0, h @ mean / denom.clamp_min(1e-300), 0.0)
+    return cos(harm) - cos(safe)
+
+
+def anchor_features(config: Any, model: torch.nn.Module, tokenizer: Any, folder: Path, main: bool,
+                    modules: Sequence[str]) -> tuple[dict[str, Direction], dict[str, torch.Tensor]]:
+    """What `config.method` needs of the anchor sets: ({"harm"/"safe": ḡ}, {"harm"/"safe": h̄}), computed once
+    per run and kept in `folder`/ANCHOR_FILE, so that resumed chunks use the same ones. Every process that finds
+    no file computes them (deterministically, from the same inputs); rank 0 writes the file (atomically)."""
+    from safetensors.torch import load_file, save_file
+
+    grads = sorted({n for m in config.method for n in ANCHORS.get(m, ())})
+    hiddens = sorted({n for m in config.method for n in HIDDEN_ANCHORS.get(m, ())})
+    path = folder / ANCHOR_FILE
+    if path.is_file():
+        stored = load_file(str(path))
+        return ({n: Direction({m: Dense(stored[f"grad/{n}/{m}"]) for m in modules}, kind=n) for n in grads},
+                {n: stored[f"hidden/{n}"] for n in hiddens})
+    files = {"harm": (config.harmful_anchors, "--harmful-anchors"), "safe": (config.safe_anchors, "--safe-anchors")}
+    encoded = {n: encode_anchors(*files[n], tokenizer, config.system_prompt, config.max_length)
+               for n in sorted(set(grads) | set(hiddens))}
+    out_grads = {n: anchor_gradient(model, encoded[n], modules, tokenizer.pad_token_id, config.batch_size, n)
+                 for n in grads}
+    out_hidden = {n: last_hidden(model, encoded[n], tokenizer.pad_token_id, config.batch_size).mean(0)
+                  for n in hiddens}
+    if main:
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({**{f"grad/{n}/{m}": t.T.contiguous() for n, d in out_grads.items() for m, t in d.modules.items()},
+                   **{f"hidden/{n}": h.contiguous() for n, h in out_hidden.items()}}, str(tmp))
+        os.replace(tmp, path)
+    return out_grads, out_hidden

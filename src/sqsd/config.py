@@ -15,6 +15,7 @@ from typing import Any, Literal
 from sqsd.options import (
     METHODS,
     AdapterArgs,
+    AnchorArgs,
     BatchArgs,
     Config,
     DataArgs,
@@ -271,7 +272,8 @@ class ReportSteeringConfig(ReportArgs):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ScoreConfig(DataArgs, ModelArgs, RenderArgs, MetricArgs, BatchArgs, SeedArgs, OutputDirArgs, OverwriteArgs):
+class ScoreConfig(DataArgs, ModelArgs, RenderArgs, MetricArgs, BatchArgs, SeedArgs, AnchorArgs, OutputDirArgs,
+                  OverwriteArgs):
     """`sqsd score`: per-sample SQSD risk = projection of the update a sample induces on the danger direction
     minus that on the safety direction. Writes scores.parquet (or .jsonl) with index, id, danger, safety, risk,
     risk_z, n_response_tokens, loss, status into OUTPUT_DIR (with chunks/ and run.json); resumable (chunk by
@@ -306,6 +308,11 @@ class ScoreConfig(DataArgs, ModelArgs, RenderArgs, MetricArgs, BatchArgs, SeedAr
               "--method needs one or more distinct methods")
         check(bool(self.danger or self.safety) or "sqsd" not in self.method,
               "give --danger and/or --safety (a direction file each) for --method sqsd")
+        for method in ("gradsim", "repsim"):
+            check(method not in self.method or bool(self.harmful_anchors and self.safe_anchors),
+                  f"--method {method} needs --harmful-anchors and --safe-anchors")
+        check("safety-influence" not in self.method or bool(self.safe_anchors),
+              "--method safety-influence needs --safe-anchors (the refusal probe set)")
         for term in ("danger", "safety"):
             check(getattr(self, term) or not getattr(self, f"{term}_anchor"),
                   f"--{term}-anchor is given but --{term} is not: which direction should be scored there?")

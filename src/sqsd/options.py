@@ -22,7 +22,8 @@ DATA_FORMATS: tuple[str, ...] = typing.get_args(Format)
 Metric = Literal["cosine-sum", "projection", "cosine"]
 METRICS: tuple[str, ...] = typing.get_args(Metric)
 # `sqsd score --method`: SQSD and the baselines of `sqsd.baselines`.
-METHODS: tuple[str, ...] = ("sqsd", "random", "length", "loss", "grad-norm", "self-inf-n")
+METHODS: tuple[str, ...] = ("sqsd", "random", "length", "loss", "grad-norm", "self-inf-n", "gradsim",
+                            "safety-influence", "repsim")
 Kind = Literal["danger", "safety"]
 
 # The evaluation every measured figure of the README uses (keyword judge, greedy): `evaluate`, `steer` and
@@ -135,6 +136,16 @@ class BatchArgs(Config):
 
     def _validate(self) -> None:
         check(self.batch_size > 0, "--batch-size must be positive")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AnchorArgs(Config):
+    """The anchor sets of the anchored baselines (`sqsd.baselines`): any data the data layer reads."""
+
+    harmful_anchors: str | None = arg(None, help="harmful prompts with compliant responses (e.g. `sqsd directions "
+                                                 "data --kind danger`); needed by --method gradsim and repsim")
+    safe_anchors: str | None = arg(None, help="harmful prompts with refusals (e.g. `sqsd directions data --kind "
+                                              "safety`); needed by --method gradsim, repsim and safety-influence")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -44,9 +44,20 @@ import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
-from sqsd.baselines import AT_THETA0, block_linears, method_scores, theta0
+from sqsd.baselines import (
+    ANCHORS,
+    AT_THETA0,
+    HIDDEN_ANCHORS,
+    anchor_features,
+    block_linears,
+    last_hidden,
+    method_scores,
+    repsim,
+    theta0,
+)
 from sqsd.config import ScoreConfig
 from sqsd.data import Record
+from sqsd.directions import Direction
 from sqsd.errors import DataError, SqsdError
 from sqsd.formats import RawRecord
 from sqsd.projection import check_logits, project
@@ -58,7 +69,8 @@ from sqsd.terms import TERMS, Term, check_files, load_terms
 COLUMNS = ("index", "id", "danger", "safety", "risk", "risk_z", "n_response_tokens", "loss", "status", "score")
 CHUNKS_DIR = "chunks"
 # The config fields that name the inputs `_inputs` fingerprints (compared by content, not by path).
-INPUT_FIELDS = ("data", "model", "danger", "safety", "danger_anchor", "safety_anchor")
+INPUT_FIELDS = ("data", "model", "danger", "safety", "danger_anchor", "safety_anchor", "harmful_anchors",
+                "safe_anchors")
 OK = "ok"
 
 
@@ -93,11 +105,13 @@ def _skip_row(index: int, record_id: str, reason: str) -> dict[str, Any]:
 def score_records(model: Any, tokenizer: Any, records: Sequence[Record], *, danger: Term | None = None,
                   safety: Term | None = None, metric: str = "cosine-sum", system_prompt: str | None = None,
                   max_length: int = 512, batch_size: int = 8, first_index: int = 0, bar: tqdm | None = None,
-                  methods: Sequence[str] = ("sqsd",), seed: int = 0,
-                  modules: Sequence[str] | None = None) -> list[dict[str, Any]]:
+                  methods: Sequence[str] = ("sqsd",), seed: int = 0, modules: Sequence[str] | None = None,
+                  anchors: dict[str, Direction] | None = None,
+                  hidden: dict[str, torch.Tensor] | None = None) -> list[dict[str, Any]]:
     """Score `records` at `model` (a PeftModel holding the terms' adapters, or a plain model for dense terms)
     under each of `methods` (`sqsd`, or the baselines of `sqsd.baselines`, which use `seed` and `modules`:
-    default `baselines.block_linears`).
+    default `baselines.block_linears`; the anchored ones also `anchors`, {"harm"/"safe": ḡ} from
+    `baselines.anchor_gradient` over the same modules, and repsim `hidden`, {"harm"/"safe": h̄}).
 
     Returns one row per record in order, with every column of `columns(methods)` but risk_z (a pool statistic,
     see `add_risk_z`); `index` counts from `first_index`. `bar` is advanced by the samples of each batch. The
@@ -119,6 +133,13 @@ def score_records(model: Any, tokenizer: Any, records: Sequence[Record], *, dang
     dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
     directions = {name: term.direction.to(dtype, device) for name, term in terms.items()}
     loss_term = "danger" if "danger" in terms else "safety"
+    anchor_names = sorted({n for m in methods for n in ANCHORS.get(m, ())})
+    missing = [n for n in anchor_names if not anchors or n not in anchors] \
+        + [n for m in methods for n in HIDDEN_ANCHORS.get(m, ()) if not hidden or n not in hidden]
+    if missing:
+        raise SqsdError(f"--method {', '.join(methods)} needs the {missing[0]} anchor features")
+    anchor_dirs = [anchors[n].to(dtype, device) for n in anchor_names] if anchor_names else []
+    anchor_norms = [math.sqrt(float(d.sq_norm())) for d in anchor_dirs]
     rows: list[dict[str, Any] | None] = [None] * len(records)
     samples: list[tuple[int, Encoded]] = []
     for i, record in enumerate(records):
@@ -139,10 +160,12 @@ def score_records(model: Any, tokenizer: Any, records: Sequence[Record], *, dang
                 values[name] = scores[:, d]
             if loss_term in names:
                 loss = p.loss
-        at0 = theta0(model, [e for _, e in batch], modules, tokenizer.pad_token_id, len(batch)) \
+        at0 = theta0(model, [e for _, e in batch], modules, tokenizer.pad_token_id, len(batch), anchor_dirs) \
             if need_theta0 else None
         if at0 is not None and ("loss" in methods or loss is None):
             loss = at0.loss
+        rep = repsim(last_hidden(model, [e for _, e in batch], tokenizer.pad_token_id, len(batch)),
+                     hidden["harm"].to(dtype), hidden["safe"].to(dtype)) if "repsim" in methods else None
         for b, (i, encoded) in enumerate(batch):
             row = {"index": first_index + i, "id": records[i].id,
                    **{name: float(values[name][b]) if name in values else None for name in TERMS}}
@@ -150,7 +173,9 @@ def score_records(model: Any, tokenizer: Any, records: Sequence[Record], *, dang
             row.update(n_response_tokens=encoded.n_response_tokens,
                        loss=None if loss is None else float(loss[b]), status=OK)
             scores = method_scores(methods, seed, records[i].id, encoded.n_response_tokens,
-                                   None if at0 is None else (float(at0.loss[b]), float(at0.sq[b].sum())))
+                                   None if at0 is None else (float(at0.loss[b]), float(at0.sq[b].sum())),
+                                   {n: (float(at0.dots[b, d].sum()), anchor_norms[d])
+                                    for d, n in enumerate(anchor_names)}, None if rep is None else float(rep[b]))
             scores["sqsd"] = row["risk"]
             row.update({m: scores[m] for m in methods}, score=scores[methods[0]])
             bad = [k for k in row if isinstance(row[k], float) and not math.isfinite(row[k])]
@@ -292,6 +317,9 @@ def _inputs(config: ScoreConfig) -> dict[str, str]:
         for key, value in ((term, getattr(config, term)), (f"{term}_anchor", getattr(config, f"{term}_anchor"))):
             if value:
                 inputs[key] = fingerprint(value)
+    for key in ("harmful_anchors", "safe_anchors"):
+        if getattr(config, key):
+            inputs |= {f"{key}:{k}": v for k, v in data_fingerprints(getattr(config, key)).items()}
     return inputs
 
 
@@ -334,6 +362,9 @@ def _score(config: ScoreConfig, state: PartialState, run: Any) -> None:
         device = str(state.device) if state.use_distributed and config.device != "cpu" else config.device
         model, tokenizer = load_model(config.model, config.dtype, device)
         model, terms = load_terms(config, model, run.inputs["model"])
+        modules = block_linears(model)
+        anchors, hidden = anchor_features(config, model, tokenizer, folder, main, modules) \
+            if any(m in ANCHORS or m in HIDDEN_ANCHORS for m in config.method) else (None, None)
         todo = sum(len(records[c * config.chunk_size:(c + 1) * config.chunk_size]) for c in mine)
         if main:
             print(f"{len(records)} record(s) in {n_chunks} chunk(s) of {config.chunk_size}: "
@@ -348,7 +379,8 @@ def _score(config: ScoreConfig, state: PartialState, run: Any) -> None:
                                      danger=terms.get("danger"), safety=terms.get("safety"), metric=config.metric,
                                      system_prompt=config.system_prompt, max_length=config.max_length,
                                      batch_size=config.batch_size, first_index=first, bar=bar,
-                                     methods=config.method, seed=config.seed)
+                                     methods=config.method, seed=config.seed, modules=modules, anchors=anchors,
+                                     hidden=hidden)
                 _write_chunk(_chunk_path(folder, chunk), rows)
         if main:
             print(f"scored {todo} sample(s) in {time.perf_counter() - start:.1f} s on this process", flush=True)
