@@ -141,7 +141,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sqsd: interrupted; rerun the same command to resume where possible", file=sys.stderr)
         return 130
+    _close_process_group()
     return result if isinstance(result, int) else 0
+
+
+def _close_process_group() -> None:
+    """Under a launcher, wait for every rank and shut the process group down before exiting: a rank that exits
+    while another still tears down its last collective can kill it (gloo: "terminate called without an active
+    exception"). Only after success: a rank that failed exits at once and the launcher stops the others."""
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
