@@ -332,7 +332,7 @@ def test_zero_and_dora_anchors_are_clear_errors(files, tmp_path, capsys):
 
 def test_warnings_for_a_safety_anchor_that_is_not_the_directions_source_and_an_unfingerprinted_direction(
         files, tmp_path, capsys):
-    from sqsd.runs import model_fingerprint
+    from sqsd.fingerprints import model_fingerprint
 
     built = directions.from_adapter(files.safety_anchor, "safety")
     assert built.meta["source_fingerprint"] == directions.adapter_fingerprint(files.safety_anchor)

@@ -34,7 +34,6 @@ from typing import IO, Any, TypeVar
 from sqsd import __version__
 from sqsd.config import to_dict
 from sqsd.errors import SqsdError
-from sqsd.fingerprints import data_fingerprints, fingerprint, model_fingerprint  # noqa: F401 - what run.json records
 
 RUN_FILE = "run.json"
 LOCK_FILE = ".sqsd.lock"
