@@ -1,7 +1,9 @@
 """The `sqsd` command: one thin subcommand per stage, each building its config and calling one library function.
 
 Options are generated from the config dataclass fields (`config.py`), so a flag's name, type, default and help
-exist in exactly one place. Library modules are imported only when their command runs, which keeps
+exist in exactly one place. A command whose config declares a positional `config` field (`sqsd experiment`) also
+reads its options from that YAML file: every key is an option name (`learning_rate` or `learning-rate`), an
+option given on the command line wins over the file, and an unknown key is an error naming it and the file. Library modules are imported only when their command runs, which keeps
 `sqsd --help` fast.
 """
 
@@ -14,7 +16,10 @@ import inspect
 import sys
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal
+
+import yaml
 
 from sqsd import config, threads
 from sqsd.errors import SqsdError
@@ -45,6 +50,9 @@ COMMANDS: dict[tuple[str, ...], tuple[type, str, str]] = {
                  "per-sample SQSD risk scores: danger and safety projections, resumable, distributed"),
     ("filter",): (config.FilterConfig, "sqsd.filter:filter_scores", "subsets of a scored dataset in its own "
                   "format: drop the riskiest, keep the safest, or windows S1..SK"),
+    ("experiment",): (config.ExperimentConfig, "sqsd.experiment:experiment_cli",
+                      "does a ranking predict safety loss? fine-tune on subsets of each method's ranking, evaluate, "
+                      "compare (YAML config)"),
     ("steer",): (config.SteerConfig, "sqsd.steer:steer_cli", "ASR of base + alpha * direction for a grid of alpha"),
     ("report", "trajectory"): (config.ReportTrajectoryConfig, "sqsd.report:report_trajectory_cli",
                                "plot a trajectory.jsonl (drift along directions, ASR at steps)"),
@@ -68,8 +76,10 @@ def _declaring_class(cls: type, name: str) -> type:
                 if name in inspect.get_annotations(base) and base.__dataclass_fields__[name].metadata)
 
 
-def _add_field(parser: Any, f: dataclasses.Field, hint: Any, metadata: Any) -> None:
-    """Add one dataclass field as an option (or positional), derived from its type hint and default."""
+def _add_field(parser: Any, f: dataclasses.Field, hint: Any, metadata: Any, from_file: bool = False) -> None:
+    """Add one dataclass field as an option (or positional), derived from its type hint and default. With
+    `from_file` (a command with a YAML `config`) an option not given is left out of the parsed arguments, so
+    that the file's value or the field's default applies (`_with_file`)."""
     kwargs: dict[str, Any] = {"help": metadata.get("help", "")}
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):  # X | None -> X
@@ -90,6 +100,8 @@ def _add_field(parser: Any, f: dataclasses.Field, hint: Any, metadata: Any) -> N
         kwargs["default"] = default
         if kwargs["help"] and default not in (None, (), []):
             kwargs["help"] += f" (default: {default})"
+    if from_file and f.name != "config":
+        kwargs["default"], required = argparse.SUPPRESS, False
     kwargs["help"] = kwargs["help"].replace("%", "%%")  # argparse %-formats help ("95% CI" crashed --help)
     if metadata.get("positional"):
         if not required:
@@ -104,8 +116,63 @@ def _add_command(parent: Any, name: str, cls: type, description: str) -> None:
     sub = parent.add_parser(name, help=description, description=cls.__doc__)
     hints = typing.get_type_hints(cls)
     declared = {f.name: _declaring_class(cls, f.name) for f in dataclasses.fields(cls)}
+    from_file = "config" in declared
     for f in sorted(dataclasses.fields(cls), key=lambda f: cls.__mro__.index(declared[f.name])):
-        _add_field(sub, f, hints[f.name], declared[f.name].__dataclass_fields__[f.name].metadata)
+        _add_field(sub, f, hints[f.name], declared[f.name].__dataclass_fields__[f.name].metadata, from_file)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """A YAML value as the field type `hint` wants it (lists become tuples), or an error naming `where`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):  # X | None
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        if value in args:
+            return value
+        raise SqsdError(f"{where}: {value!r} is not one of {', '.join(map(str, args))}")
+    if origin in (tuple, list):
+        return tuple(_coerce(v, args[0], where) for v in (value if isinstance(value, list) else [value]))
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 5e-5 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, hint) and not (isinstance(value, bool) and hint is not bool):
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    raise SqsdError(f"{where}: expected {'true/false' if hint is bool else hint.__name__}, got {value!r}")
+
+
+def _with_file(cls: type, args: dict[str, Any]) -> dict[str, Any]:
+    """The options of a command with a YAML `config`: the file's keys, overridden by the options given."""
+    values: dict[str, Any] = {}
+    if args["config"] is not None:
+        path = Path(args["config"])
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise SqsdError(f"{path}: cannot read it ({e.strerror})") from None
+        except yaml.YAMLError as e:
+            raise SqsdError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+        if not isinstance(data, dict | None):
+            raise SqsdError(f"{path}: expected a mapping of option: value, got {type(data).__name__}")
+        hints = typing.get_type_hints(cls)
+        for key, value in (data or {}).items():
+            name = str(key).replace("-", "_")
+            if name not in hints or name == "config":
+                raise SqsdError(f"{path}: unknown key {key!r} (`--help` lists the options)")
+            values[name] = _coerce(value, hints[name], f"{path}: key {key!r}")
+    values.update(args)
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise SqsdError(f"--{missing[0].replace('_', '-')} is needed: give it on the command line or as "
+                        f"`{missing[0]}:` in the YAML file")
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     module, function = target.split(":")
     threads.configure()  # before the command's module imports torch
     try:
+        if "config" in args:
+            args = _with_file(cls, args)
         result = getattr(importlib.import_module(module), function)(cls(**args))
     except SqsdError as e:
         print(f"sqsd: error: {e}", file=sys.stderr)

@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from sqsd.options import (
+    EVAL_HARMFUL,
     METHODS,
     AdapterArgs,
-    AnchorArgs,
     BatchArgs,
     Config,
     DataArgs,
@@ -33,10 +34,13 @@ from sqsd.options import (
     OptimArgs,
     OutputDirArgs,
     OverwriteArgs,
+    PoolSampleArgs,
     RenderArgs,
     ReportArgs,
+    ScoringArgs,
     SeedArgs,
     TrackArgs,
+    WindowsArgs,
     WindowSizeArgs,
     arg,
     check,
@@ -214,7 +218,7 @@ class AlignConfig(ModelArgs, RenderArgs, MethodArgs, LoraArgs, OptimArgs, Output
 
 
 @dataclass(frozen=True, kw_only=True)
-class DemoConfig(OutputDirArgs, MaxLengthArgs, BatchArgs, SeedArgs, WindowSizeArgs):
+class DemoConfig(OutputDirArgs, MaxLengthArgs, BatchArgs, PoolSampleArgs, WindowsArgs):
     """`sqsd demo`: the whole offline pipeline — align SmolLM2, build the danger and safety directions and the
     benign anchor, score a sample of dolly-sqsd, write the riskiest/safest samples and S1..Sk windows.
 
@@ -223,9 +227,7 @@ class DemoConfig(OutputDirArgs, MaxLengthArgs, BatchArgs, SeedArgs, WindowSizeAr
     --max-length applies to directions, anchor and scoring, --batch-size to scoring, --seed to the pool sample.
     """
 
-    n_pool: int | None = arg(600, help="score a seeded sample of this many of the 3,000 dolly-sqsd samples "
-                                       "(unset = all; ~1 sample/s on 2 CPU cores)")
-    n_windows: int = arg(5, help="windows S1..Sk cut from the risk ranking (S1 = riskiest)")
+    n_pool: int | None = 600  # of the 3,000 dolly-sqsd samples, ~1 sample/s on 2 CPU cores
     anchor_epochs: float = arg(1.0, help="epochs of the benign anchor adapter")
     output_dir: str = "runs/demo"
     max_length: int = 256
@@ -272,8 +274,7 @@ class ReportSteeringConfig(ReportArgs):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ScoreConfig(DataArgs, ModelArgs, RenderArgs, MetricArgs, BatchArgs, SeedArgs, AnchorArgs, OutputDirArgs,
-                  OverwriteArgs):
+class ScoreConfig(DataArgs, ModelArgs, RenderArgs, ScoringArgs, BatchArgs, SeedArgs, OutputDirArgs, OverwriteArgs):
     """`sqsd score`: per-sample SQSD risk = projection of the update a sample induces on the danger direction
     minus that on the safety direction. Writes scores.parquet (or .jsonl) with index, id, danger, safety, risk,
     risk_z, n_response_tokens, loss, status into OUTPUT_DIR (with chunks/ and run.json); resumable (chunk by
@@ -282,22 +283,6 @@ class ScoreConfig(DataArgs, ModelArgs, RenderArgs, MetricArgs, BatchArgs, SeedAr
     method: tuple[str, ...] = arg(("sqsd",), help=f"scoring method(s), higher = riskier: {', '.join(METHODS)} "
                                                   "(README, Scoring); `score` holds the first, and with several "
                                                   "each also gets a column named after it")
-    danger: str | None = arg(None, help="danger direction file (`sqsd directions build/import`); unset = no danger term")
-    safety: str | None = arg(None, help="safety direction file; unset = no safety term")
-    danger_anchor: str | None = arg(None, help="PEFT adapter folder at which the danger term is taken (the paper: "
-                                               "a warm-up adapter trained on benign data); unset = dense mode, at "
-                                               "the model itself")
-    safety_anchor: str | None = arg(None, help="PEFT adapter folder at which the safety term is taken (the paper: "
-                                               "the safety adapter itself); unset = dense mode")
-    danger_scaling: float | None = arg(None, help="override the danger anchor's LoRA scaling while scoring; unset "
-                                                  "= its own alpha/r")
-    safety_scaling: float | None = arg(1.0, help="override the safety anchor's LoRA scaling while scoring (the "
-                                                 "paper: 1.0 or 0.8); pass its alpha/r to keep the adapter's own; "
-                                                 "ignored without --safety-anchor")
-    allow_zero_anchor: bool = arg(False, help="score at an anchor whose lora_B is zero everywhere (a fresh "
-                                              "adapter: its updates carry no signal, so this is refused unless "
-                                              "given)")
-    chunk_size: int = arg(256, help="samples per resumable chunk (and per unit of work across processes)")
     format_out: Literal["parquet", "jsonl"] = arg("parquet", help="format of the scores file")
     max_length: int = 512
 
@@ -313,12 +298,6 @@ class ScoreConfig(DataArgs, ModelArgs, RenderArgs, MetricArgs, BatchArgs, SeedAr
                   f"--method {method} needs --harmful-anchors and --safe-anchors")
         check("safety-influence" not in self.method or bool(self.safe_anchors),
               "--method safety-influence needs --safe-anchors (the refusal probe set)")
-        for term in ("danger", "safety"):
-            check(getattr(self, term) or not getattr(self, f"{term}_anchor"),
-                  f"--{term}-anchor is given but --{term} is not: which direction should be scored there?")
-            scaling = getattr(self, f"{term}_scaling")
-            check(scaling is None or 0 < scaling < float("inf"), f"--{term}-scaling must be a positive number")
-        check(self.chunk_size > 0, "--chunk-size must be positive")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -351,3 +330,72 @@ class FilterConfig(OutputDirArgs, OverwriteArgs, WindowSizeArgs):
         check(self.windows is None or self.window_size is not None,
               "--windows needs --window-size (samples per window)")
         check(bool(self.by.strip()), "--by must name a column")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExperimentConfig(ModelArgs, RenderArgs, ScoringArgs, MethodArgs, LoraArgs, OptimArgs, EvalArgs,
+                       PoolSampleArgs, WindowsArgs, OutputDirArgs, OverwriteArgs):
+    """`sqsd experiment`: does a ranking predict safety loss? Rank the pool with each method, fine-tune the model
+    on subsets cut from each ranking (a cell per method x subset x seed), evaluate every fine-tune and the base
+    model, and write results.json (ASR with 95% CIs, gaps, paired comparisons, detection metrics).
+
+    The flags are those of the stages it runs, each meaning what it means there: scoring (`sqsd score`, every
+    method in one pass), the fine-tuning recipe (`sqsd train`), the evaluation (`sqsd evaluate`). Where the
+    stages' flags would collide: `pool` is the dataset ranked (the stages' data are files the experiment
+    writes); the ranking methods are `methods`, while `method` stays the fine-tune's lora/full; `harmful` takes
+    several sets (each evaluated on its own, pooled in the statistics); `seeds` are the fine-tuning seeds, one
+    cell each, and `seed` seeds the rest (pool sample, random control, contamination mix, the `random` method,
+    sampling, bootstrap); `batch_size` and `max_length` serve scoring, training and generation alike; `limit`
+    caps the prompts of each evaluation set; `output_dir` and `overwrite` are the experiment's, and each stage
+    gets its own run folder inside it.
+    """
+
+    config: str | None = arg(None, positional=True, help="YAML file whose keys set any option below (an option "
+                                                         "given on the command line wins)")
+    pool: str = arg(help="the dataset ranked and cut into subsets: a file or named dataset (e.g. dolly-sqsd)")
+    methods: tuple[str, ...] = arg(("sqsd", "random"), help="ranking methods (`sqsd score --method`); the first "
+                                                            "is the one every other is compared with")
+    protocols: tuple[Literal["windows", "ends", "contamination"], ...] = arg(
+        ("ends",), help="windows: --n-windows windows of --window-size at evenly spaced ranks; ends: the top and "
+                        "bottom --window-size, and one random control shared by all methods; contamination: "
+                        "how well each method finds injected harmful samples")
+    seeds: tuple[int, ...] = arg((0,), help="fine-tuning seeds: one cell per method x subset x seed")
+    contamination_source: str | None = arg(None, help="harmful prompts with compliant responses to inject; keep it "
+                                                      "disjoint from anchors, directions and evaluation prompts")
+    contamination_ratios: tuple[float, ...] = arg((0.01, 0.05, 0.1), help="injected fraction of each mixed pool")
+    contamination_finetune: bool = arg(False, help="also fine-tune on each mixed pool, unfiltered and without "
+                                                   "each method's top (as many as were injected), and report ASR")
+    harmful: tuple[str, ...] = arg((EVAL_HARMFUL,), help="harmful prompt sets (`@eval` keeps the held-out split)")
+    window_size: int | None = 100
+    max_length: int = 512
+
+    def _validate(self) -> None:
+        check(len(set(self.protocols)) == len(self.protocols) >= 1, "--protocols needs one or more distinct protocols")
+        check(len(set(self.seeds)) == len(self.seeds) >= 1, "--seeds needs one or more distinct seeds")
+        check(self.window_size is not None, "--window-size is needed (samples per subset)")
+        check(len({Path(h).name for h in self.harmful}) == len(self.harmful) >= 1,
+              "--harmful needs one or more sets with distinct names (each is evaluated into a folder so named)")
+        check("contamination" not in self.protocols or self.contamination_source is not None,
+              "protocol contamination needs --contamination-source (harmful prompts with compliant responses)")
+        check(bool(self.contamination_ratios) and all(0 < r < 1 for r in self.contamination_ratios),
+              "--contamination-ratios must be one or more fractions in (0, 1)")
+        self.score_config("pool", "scores")  # the scoring options are checked as `sqsd score` checks them
+
+    def _fields(self, *groups: type) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for group in groups for f in dataclasses.fields(group)}
+
+    def score_config(self, data: str, output_dir: str) -> ScoreConfig:
+        """The `sqsd score` run that scores `data` with every method."""
+        return ScoreConfig(**self._fields(ModelArgs, RenderArgs, ScoringArgs, BatchArgs, SeedArgs), data=data,
+                           method=self.methods, output_dir=output_dir, overwrite=self.overwrite)
+
+    def train_config(self, data: str, output_dir: str, seed: int) -> TrainConfig:
+        """The `sqsd train` run of one cell."""
+        return TrainConfig(**{**self._fields(ModelArgs, RenderArgs, MethodArgs, LoraArgs, OptimArgs), "seed": seed},
+                           data=data, output_dir=output_dir, overwrite=self.overwrite)
+
+    def evaluate_config(self, harmful: str, benign: str | None, output_dir: str,
+                        adapter: str | None) -> EvaluateConfig:
+        """The `sqsd evaluate` run of one harmful set (with the benign set, or '' for none) on a model."""
+        return EvaluateConfig(**{**self._fields(ModelArgs, EvalArgs), "harmful": harmful, "benign": benign},
+                              adapter=adapter, output_dir=output_dir, overwrite=self.overwrite)

@@ -319,6 +319,26 @@ class WindowSizeArgs(Config):
 
 
 @dataclass(frozen=True, kw_only=True)
+class WindowsArgs(WindowSizeArgs):
+    """The paper's windows S1 (riskiest) .. Sk at evenly spaced ranks of a ranking (`demo`, `experiment`)."""
+
+    n_windows: int = arg(5, help="windows S1..Sk cut from the ranking (S1 = riskiest)")
+
+    def _validate(self) -> None:
+        check(self.n_windows >= 2, "--n-windows must be at least 2")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolSampleArgs(SeedArgs):
+    """How much of the pool is ranked (`demo`, `experiment`)."""
+
+    n_pool: int | None = arg(None, help="use a seeded sample (--seed) of this many pool samples; unset = all")
+
+    def _validate(self) -> None:
+        check(self.n_pool is None or self.n_pool > 0, "--n-pool must be positive")
+
+
+@dataclass(frozen=True, kw_only=True)
 class MetricArgs(Config):
     metric: Metric = arg("cosine-sum", help="cosine-sum (the paper's: one cosine per module, summed), projection "
                                             "(<update, d>/|d|) or cosine (of the whole vectors)")
@@ -328,3 +348,34 @@ class MetricArgs(Config):
 class ReportArgs(Config):
     file: str = arg(help="the .jsonl to plot", positional=True)
     output: str | None = arg(None, help="PNG to write (default: FILE with .png)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoringArgs(MetricArgs, AnchorArgs):
+    """What `sqsd score` scores with, whichever `--method`s: the SQSD terms (direction files, anchors, scalings),
+    the anchor sets of the anchored baselines, and the chunking (`score`, `experiment`)."""
+
+    danger: str | None = arg(None, help="danger direction file (`sqsd directions build/import`); unset = no danger term")
+    safety: str | None = arg(None, help="safety direction file; unset = no safety term")
+    danger_anchor: str | None = arg(None, help="PEFT adapter folder at which the danger term is taken (the paper: "
+                                               "a warm-up adapter trained on benign data); unset = dense mode, at "
+                                               "the model itself")
+    safety_anchor: str | None = arg(None, help="PEFT adapter folder at which the safety term is taken (the paper: "
+                                               "the safety adapter itself); unset = dense mode")
+    danger_scaling: float | None = arg(None, help="override the danger anchor's LoRA scaling while scoring; unset "
+                                                  "= its own alpha/r")
+    safety_scaling: float | None = arg(1.0, help="override the safety anchor's LoRA scaling while scoring (the "
+                                                 "paper: 1.0 or 0.8); pass its alpha/r to keep the adapter's own; "
+                                                 "ignored without --safety-anchor")
+    allow_zero_anchor: bool = arg(False, help="score at an anchor whose lora_B is zero everywhere (a fresh "
+                                              "adapter: its updates carry no signal, so this is refused unless "
+                                              "given)")
+    chunk_size: int = arg(256, help="samples per resumable chunk (and per unit of work across processes)")
+
+    def _validate(self) -> None:
+        for term in ("danger", "safety"):
+            check(getattr(self, term) or not getattr(self, f"{term}_anchor"),
+                  f"--{term}-anchor is given but --{term} is not: which direction should be scored there?")
+            scaling = getattr(self, f"{term}_scaling")
+            check(scaling is None or 0 < scaling < float("inf"), f"--{term}-scaling must be a positive number")
+        check(self.chunk_size > 0, "--chunk-size must be positive")

@@ -38,7 +38,7 @@ from sqsd.errors import SqsdError
 RUN_FILE = "run.json"
 LOCK_FILE = ".sqsd.lock"
 # Fields that say where the output goes or how a run is carried out, not what it computes.
-CONTROL_FIELDS = frozenset({"overwrite", "resume", "output_dir", "output"})
+CONTROL_FIELDS = frozenset({"overwrite", "resume", "output_dir", "output", "config"})  # config: a YAML path
 T = TypeVar("T")
 
 
