@@ -22,6 +22,7 @@ RUN's own run.json refuses a changed config unless --overwrite (which is passed 
     contamination/<ratio>/      mixed.jsonl (pool + injected, shuffled), injected.json (their ids), scores/,
                                 subsets/<method>/ (`sqsd filter --drop-top` as many as were injected)
     results.json                the statistics, also printed as a table
+It runs as one process (not under a launcher); each stage uses the device of --device.
 """
 
 from __future__ import annotations

@@ -101,8 +101,8 @@ def assemble(config: ExperimentConfig, out: Path, base: list[str], cells: list[A
             if m != reference:
                 entry["reference_minus_this"] = paired_difference(*ends[reference], *ends[m], **kw).to_dict()
     for ratio, found in detection.items():
-        rows = [r for r in read_scores(out / found["scores"]) if r["status"] == OK]
-        labels = np.array([r["id"] in set(found["injected"]) for r in rows])
+        rows, injected = [r for r in read_scores(out / found["scores"]) if r["status"] == OK], set(found["injected"])
+        labels = np.array([r["id"] in injected for r in rows])
         fraction = len(found["injected"]) / found["n_pool"]
         entry = results["contamination"][ratio] = {"n_pool": found["n_pool"], "n_injected": len(found["injected"]),
                                                    "methods": {}}
