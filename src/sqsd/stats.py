@@ -42,10 +42,10 @@ def bootstrap(statistic: Callable[[dict[str, np.ndarray]], float], data: dict[st
     Each replicate draws n_prompts prompt (column) indices with replacement and, when n_seeds > 1, n_seeds seed
     (row) indices with replacement, independently; every table is resampled with the same indices, so a
     statistic comparing tables (a gap, a difference of gaps) sees paired data — row s and column j must mean
-    the same seed and the same prompt in every table. value = statistic(data); the CI
-    is the (1 − level)/2 and (1 + level)/2 quantiles (numpy's linear interpolation) of the replicates. All the
-    prompt indices are drawn first, as one (n_bootstrap, n_prompts) block, so one seed row gives exactly the
-    resamples of the former `bootstrap_ci`.
+    the same seed and the same prompt in every table. value = statistic(data); the CI is the (1 − level)/2 and
+    (1 + level)/2 quantiles (numpy's linear interpolation) of the replicates. All the prompt indices are drawn
+    first, as one (n_bootstrap, n_prompts) block, so a one-seed table gets exactly the resamples `sqsd evaluate`
+    always used.
     """
     if not data:
         raise SqsdError("bootstrap: no data")
