@@ -64,6 +64,8 @@ def test_grad_norm_and_loss_equal_plain_autograd_and_the_hf_loss(tiny):
         assert math.isclose(row["loss"], loss, rel_tol=1e-12)
         assert math.isclose(row["loss"], _hf_loss(model, tok, record), rel_tol=1e-6)
         assert row["risk"] is None and row["danger"] is None
+    alone = score.score_records(model, tok, records, methods=("loss",), batch_size=2)  # forward only
+    assert all(math.isclose(a["score"], r["loss"], rel_tol=1e-12) for a, r in zip(alone, rows, strict=True))
 
 
 def test_every_method_is_invariant_to_batch_size_and_order(tiny):

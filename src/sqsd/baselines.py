@@ -26,7 +26,7 @@ The gradient norm is exact and never materialised: the dense-mode pass of `proje
 directions gives per module ‖G_m‖² = Σ_{t,t'} (a_t·a_t')(δ_t·δ_t') (`Projections.sq`), and ‖∇L‖² is their sum.
 The modules are every linear layer of the model but its LM head (`block_linears`: for a decoder-only
 transformer, q/k/v/o/gate/up/down of every block). `loss`, `grad-norm` and `self-inf-n` requested together
-share that one pass (`theta0`). A mean anchor gradient is a dense direction (`anchor_gradient`, computed once
+share that one pass (`theta0`; `loss` without a gradient method is a forward only, `projection.response_losses`). A mean anchor gradient is a dense direction (`anchor_gradient`, computed once
 per run), so gradsim's and safety-influence's ⟨δW(x), ḡ⟩ (δW = −∇L) come out of that same pass too.
 """
 
@@ -51,8 +51,8 @@ from sqsd.projection import Projections, _accum_dtype, _base, _batch_loss, proje
 from sqsd.render import Collator, Encoded, Skip, encode_record
 from sqsd.representations import HIDDEN_METHODS, anchor_states, check_layers
 
-# The methods that need the pass at θ₀ (a forward and a backward per batch).
-AT_THETA0 = ("loss", "grad-norm", "self-inf-n", "gradsim", "safety-influence")
+# The methods that need the dense pass at θ₀ (a forward and a backward per batch); `loss` alone is forward only.
+GRADIENT_METHODS = ("grad-norm", "self-inf-n", "gradsim", "safety-influence")
 # Where `anchor_features` keeps a run's anchor gradients and hidden-state features, in its output folder.
 ANCHOR_FILE = "anchors.safetensors"
 # The anchor gradients (ḡ) each gradient method needs.
@@ -135,25 +135,24 @@ def _cos(dot: float, anchor_norm: float, norm: float) -> float:
     return -dot / (norm * anchor_norm) if norm * anchor_norm > 0 else 0.0
 
 
-def method_scores(methods: Sequence[str], seed: int, record_id: str, n_tokens: int,
-                  at_theta0: tuple[float, float] | None,
-                  anchored: dict[str, tuple[float, float]] | None = None) -> dict[str, float]:
-    """The score of one sample under each baseline of this module in `methods` (others are left out);
-    `at_theta0` = (loss, ‖∇L‖²) from `theta0` when any method needs it; `anchored` = {anchor name: (⟨−∇L, ḡ⟩,
-    ‖ḡ‖)} over the same modules, for the anchored methods."""
+def method_scores(methods: Sequence[str], seed: int, record_id: str, n_tokens: int, loss: float | None,
+                  grad_sq: float | None, anchored: dict[str, tuple[float, float]] | None = None) -> dict[str, float]:
+    """The score of one sample under each baseline of this module in `methods` (others are left out): `loss`
+    = L(x) at θ₀ when `loss` is asked for, `grad_sq` = ‖∇L‖² from `theta0` when a gradient method is; `anchored`
+    = {anchor name: (⟨−∇L, ḡ⟩, ‖ḡ‖)} over the same modules, for the anchored methods."""
     out: dict[str, float] = {}
-    norm = math.sqrt(at_theta0[1]) if at_theta0 is not None else 0.0
+    norm = math.sqrt(grad_sq) if grad_sq is not None else 0.0
     for method in methods:
         if method == "random":
             out[method] = random_score(seed, record_id)
         elif method == "length":
             out[method] = float(n_tokens)
         elif method == "loss":
-            out[method] = at_theta0[0]
+            out[method] = loss
         elif method == "grad-norm":
-            out[method] = math.sqrt(at_theta0[1])
+            out[method] = norm
         elif method == "self-inf-n":
-            out[method] = self_inf_n(at_theta0[1], n_tokens)
+            out[method] = self_inf_n(grad_sq, n_tokens)
         elif method == "gradsim":
             out[method] = _cos(*anchored["harm"], norm) - _cos(*anchored["safe"], norm)
         elif method == "safety-influence":

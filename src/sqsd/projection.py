@@ -310,6 +310,29 @@ def _accum_dtype(model) -> torch.dtype:
     return torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
 
 
+@torch.no_grad()
+def response_losses(model, samples: Sequence[Encoded], pad_token_id: int, batch_size: int) -> torch.Tensor:
+    """(n,) each sample's mean response-token loss at the model's own weights (any adapters switched off), in
+    the accumulation dtype and input order: forward only, length-bucketed right-padded batches."""
+    dtype = _accum_dtype(model)
+    out = torch.zeros(len(samples), dtype=dtype)
+    collate = Collator(pad_token_id)
+    device = next(model.parameters()).device
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids))
+    was_training = model.training
+    model.eval()
+    try:
+        with model.disable_adapter() if isinstance(model, PeftModel) else nullcontext():
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                batch = {k: v.to(device) for k, v in collate(
+                    [{"input_ids": samples[i].input_ids, "labels": samples[i].labels} for i in idx]).items()}
+                out[idx] = _batch_loss(model, batch, dtype)[0].cpu()
+    finally:
+        model.train(was_training)
+    return out
+
+
 def project(model, samples: Sequence[Encoded], directions: Sequence[Direction], *, pad_token_id: int,
             adapter: str | None = None, scaling: float | None = None, batch_size: int = 8,
             padding_side: str = "right", progress: bool = True,

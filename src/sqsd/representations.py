@@ -32,7 +32,7 @@ from peft import PeftModel
 
 from sqsd.data import Record
 from sqsd.errors import SqsdError
-from sqsd.projection import _accum_dtype, _base, _batch_loss
+from sqsd.projection import _accum_dtype, _base, response_losses
 from sqsd.render import IGNORE, Collator, Encoded
 
 HIDDEN_METHODS = ("repsim", "larf", "datashield")
@@ -111,22 +111,6 @@ def states(model: torch.nn.Module, samples: Sequence[Encoded], pad_token_id: int
     return out
 
 
-@torch.no_grad()
-def refusal_loss(model: torch.nn.Module, probes: Sequence[Encoded], pad_token_id: int, batch_size: int) -> float:
-    """The mean over the probes of each one's mean response-token loss at θ₀ (any adapters switched off)."""
-    dtype = _accum_dtype(model)
-    collate = Collator(pad_token_id)
-    device = next(model.parameters()).device
-    off = model.disable_adapter() if isinstance(model, PeftModel) else nullcontext()
-    total = 0.0
-    with off:
-        for start in range(0, len(probes), batch_size):
-            batch = {k: v.to(device) for k, v in collate([{"input_ids": e.input_ids, "labels": e.labels}
-                                                          for e in probes[start:start + batch_size]]).items()}
-            total += float(_batch_loss(model, batch, dtype)[0].sum())
-    return total / len(probes)
-
-
 def safety_layer(model: torch.nn.Module, probes: Sequence[Encoded], pad_token_id: int,
                  batch_size: int) -> tuple[int, list[float]]:
     """LARF's layer scan: ℓ* = argmax_ℓ [L_refusal(θ₀ with every linear weight of block ℓ × LAYER_SCALE) −
@@ -136,7 +120,7 @@ def safety_layer(model: torch.nn.Module, probes: Sequence[Encoded], pad_token_id
     was_training = model.training
     model.eval()
     try:
-        before = refusal_loss(model, probes, pad_token_id, batch_size)
+        before = float(response_losses(model, probes, pad_token_id, batch_size).mean())
         rises = []
         for block in _blocks(model):
             weights = [m.weight for name, m in block.named_modules()
@@ -146,7 +130,7 @@ def safety_layer(model: torch.nn.Module, probes: Sequence[Encoded], pad_token_id
                 for w in weights:
                     w.mul_(LAYER_SCALE)
             try:
-                rises.append(refusal_loss(model, probes, pad_token_id, batch_size) - before)
+                rises.append(float(response_losses(model, probes, pad_token_id, batch_size).mean()) - before)
             finally:
                 with torch.no_grad():
                     for w, s in zip(weights, saved):

@@ -45,13 +45,13 @@ import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
-from sqsd.baselines import ANCHORS, AT_THETA0, anchor_features, block_linears, method_scores, theta0
+from sqsd.baselines import ANCHORS, GRADIENT_METHODS, anchor_features, block_linears, method_scores, theta0
 from sqsd.config import ScoreConfig
 from sqsd.data import Record
 from sqsd.directions import Direction
 from sqsd.errors import DataError, SqsdError
 from sqsd.formats import RawRecord
-from sqsd.projection import check_logits, project
+from sqsd.projection import check_logits, project, response_losses
 from sqsd.readers import read_rows
 from sqsd.render import Encoded, Skip, encode_record
 from sqsd.representations import HIDDEN_METHODS, hidden_scores, sample_layers, states
@@ -117,10 +117,10 @@ def score_records(model: Any, tokenizer: Any, records: Sequence[Record], *, dang
     elif not terms:
         raise SqsdError("nothing to score: give a danger and/or a safety direction")
     passes = _passes(terms)
-    need_theta0 = any(m in AT_THETA0 for m in methods)
-    if terms or need_theta0:
+    need_grad = any(m in GRADIENT_METHODS for m in methods)
+    if terms or need_grad or "loss" in methods:
         check_logits(model)
-    if need_theta0:
+    if need_grad:
         modules = list(modules or block_linears(model))
     device = next(model.parameters()).device
     dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
@@ -156,9 +156,11 @@ def score_records(model: Any, tokenizer: Any, records: Sequence[Record], *, dang
             if loss_term in names:
                 loss = p.loss
         at0 = theta0(model, [e for _, e in batch], modules, tokenizer.pad_token_id, len(batch), anchor_dirs) \
-            if need_theta0 else None
-        if at0 is not None and ("loss" in methods or loss is None):
-            loss = at0.loss
+            if need_grad else None
+        loss0 = at0.loss if at0 is not None else response_losses(
+            model, [e for _, e in batch], tokenizer.pad_token_id, len(batch)) if "loss" in methods else None
+        if loss0 is not None and ("loss" in methods or loss is None):
+            loss = loss0
         rep = hidden_scores(hidden_methods, states(model, [e for _, e in batch], tokenizer.pad_token_id,
                                                    len(batch), layers), hidden) if hidden_methods else {}
         for b, (i, encoded) in enumerate(batch):
@@ -168,7 +170,8 @@ def score_records(model: Any, tokenizer: Any, records: Sequence[Record], *, dang
             row.update(n_response_tokens=encoded.n_response_tokens,
                        loss=None if loss is None else float(loss[b]), status=OK)
             scores = method_scores(methods, seed, records[i].id, encoded.n_response_tokens,
-                                   None if at0 is None else (float(at0.loss[b]), float(at0.sq[b].sum())),
+                                   None if loss0 is None else float(loss0[b]),
+                                   None if at0 is None else float(at0.sq[b].sum()),
                                    {n: (float(at0.dots[b, d].sum()), anchor_norms[d])
                                     for d, n in enumerate(anchor_names)})
             scores |= {m: float(v[b]) for m, v in rep.items()}
