@@ -37,18 +37,16 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel
 
 from sqsd.data import Record
 from sqsd.directions import Dense, Direction
 from sqsd.errors import SqsdError
-from sqsd.projection import Projections, _accum_dtype, _base, _batch_loss, project
-from sqsd.render import Collator, Encoded, Skip, encode_record
+from sqsd.projection import Projections, _accum_dtype, _base, _batch_loss, project, theta0_batches
+from sqsd.render import Encoded, Skip, encode_record
 from sqsd.representations import HIDDEN_METHODS, anchor_states, check_layers
 
 # The methods that need the dense pass at θ₀ (a forward and a backward per batch); `loss` alone is forward only.
@@ -91,35 +89,24 @@ def anchor_gradient(model: torch.nn.Module, anchors: Sequence[Encoded], modules:
     base = _base(model)
     weights = {name: base.get_submodule(name).weight for name in modules}
     dtype = _accum_dtype(model)
-    off = model.disable_adapter() if isinstance(model, PeftModel) else nullcontext()
     flags = [(p, p.requires_grad, p.grad) for p in model.parameters()]
-    was_training = model.training
-    model.eval()
     model.requires_grad_(False)
     for w in weights.values():
         w.grad = None
         w.requires_grad_(True)
-    device = next(model.parameters()).device
-    collate = Collator(pad_token_id)
     total = {name: torch.zeros(w.shape, dtype=dtype, device=w.device) for name, w in weights.items()}
-    order = sorted(range(len(anchors)), key=lambda i: len(anchors[i].input_ids))
     try:
-        with off:
-            for start in range(0, len(order), batch_size):
-                items = [{"input_ids": anchors[i].input_ids, "labels": anchors[i].labels}
-                         for i in order[start:start + batch_size]]
-                batch = {k: v.to(device) for k, v in collate(items).items()}
-                per_sample, _ = _batch_loss(model, batch, dtype)
-                (per_sample.sum() / len(anchors)).backward()
-                for name, w in weights.items():  # summed in `dtype`, not in the weights' own (maybe bf16)
-                    total[name] += w.grad.to(dtype)
-                    w.grad = None
+        for _, batch in theta0_batches(model, anchors, pad_token_id, batch_size):
+            per_sample, _ = _batch_loss(model, batch, dtype)
+            (per_sample.sum() / len(anchors)).backward()
+            for name, w in weights.items():  # summed in `dtype`, not in the weights' own (maybe bf16)
+                total[name] += w.grad.to(dtype)
+                w.grad = None
         return Direction({name: Dense(t.cpu()) for name, t in total.items()}, kind=kind)
     finally:
         for p, flag, grad in flags:
             p.requires_grad_(flag)
             p.grad = grad
-        model.train(was_training)
 
 
 def theta0(model: torch.nn.Module, samples: Sequence[Encoded], modules: Sequence[str], pad_token_id: int,

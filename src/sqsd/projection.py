@@ -34,7 +34,7 @@ The slow reference the tests hold this to is `sqsd.reference`, which shares none
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -310,12 +310,11 @@ def _accum_dtype(model) -> torch.dtype:
     return torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
 
 
-@torch.no_grad()
-def response_losses(model, samples: Sequence[Encoded], pad_token_id: int, batch_size: int) -> torch.Tensor:
-    """(n,) each sample's mean response-token loss at the model's own weights (any adapters switched off), in
-    the accumulation dtype and input order: forward only, length-bucketed right-padded batches."""
-    dtype = _accum_dtype(model)
-    out = torch.zeros(len(samples), dtype=dtype)
+def theta0_batches(model, samples: Sequence[Encoded], pad_token_id: int,
+                   batch_size: int) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """(input indices, batch on the model's device) for length-bucketed, right-padded batches of `samples`, with
+    any adapters switched off and the model in eval mode while it runs (both restored after): the passes of the
+    baselines, which read the model at its own weights θ₀."""
     collate = Collator(pad_token_id)
     device = next(model.parameters()).device
     order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids))
@@ -325,11 +324,20 @@ def response_losses(model, samples: Sequence[Encoded], pad_token_id: int, batch_
         with model.disable_adapter() if isinstance(model, PeftModel) else nullcontext():
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
-                batch = {k: v.to(device) for k, v in collate(
+                yield idx, {k: v.to(device) for k, v in collate(
                     [{"input_ids": samples[i].input_ids, "labels": samples[i].labels} for i in idx]).items()}
-                out[idx] = _batch_loss(model, batch, dtype)[0].cpu()
     finally:
         model.train(was_training)
+
+
+@torch.no_grad()
+def response_losses(model, samples: Sequence[Encoded], pad_token_id: int, batch_size: int) -> torch.Tensor:
+    """(n,) each sample's mean response-token loss at the model's own weights (any adapters switched off), in
+    the accumulation dtype and input order: forward only."""
+    dtype = _accum_dtype(model)
+    out = torch.zeros(len(samples), dtype=dtype)
+    for idx, batch in theta0_batches(model, samples, pad_token_id, batch_size):
+        out[idx] = _batch_loss(model, batch, dtype)[0].cpu()
     return out
 
 

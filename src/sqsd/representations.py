@@ -25,15 +25,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from contextlib import nullcontext
 
 import torch
-from peft import PeftModel
 
 from sqsd.data import Record
 from sqsd.errors import SqsdError
-from sqsd.projection import _accum_dtype, _base, response_losses
-from sqsd.render import IGNORE, Collator, Encoded
+from sqsd.projection import _accum_dtype, _base, response_losses, theta0_batches
+from sqsd.render import IGNORE, Encoded
 
 HIDDEN_METHODS = ("repsim", "larf", "datashield")
 # Every linear weight of a block is multiplied by this in the layer scan (LARF damps one layer at a time).
@@ -80,34 +78,23 @@ def states(model: torch.nn.Module, samples: Sequence[Encoded], pad_token_id: int
         return keep
 
     handles = [_blocks(model)[layer].register_forward_hook(hook(layer)) for layer in layers]
-    off = model.disable_adapter() if isinstance(model, PeftModel) else nullcontext()
-    collate = Collator(pad_token_id)
-    device = next(model.parameters()).device
-    order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids))
-    was_training = model.training
-    model.eval()
     try:
-        with off:
-            for start in range(0, len(order), batch_size):
-                idx = order[start:start + batch_size]
-                batch = {k: v.to(device) for k, v in collate(
-                    [{"input_ids": samples[i].input_ids, "labels": samples[i].labels} for i in idx]).items()}
-                final = base.get_decoder()(input_ids=batch["input_ids"],
-                                           attention_mask=batch["attention_mask"]).last_hidden_state  # (b, T, d)
-                response = (batch["labels"] != IGNORE).to(dtype)  # (b, T)
-                # the last response position: the largest position whose label is supervised
-                last = (response * torch.arange(response.shape[1], device=device)).argmax(-1)  # (b,)
-                rows = torch.arange(len(idx), device=device)
-                out["final"][idx] = final[rows, last].to(dtype).cpu()
-                for layer in layers:
-                    h = captured[layer].to(dtype)  # (b, T, d)
-                    out[f"last/{layer}"][idx] = h[rows, last].cpu()
-                    mean = (response[..., None] * h).sum(1) / response.sum(1, keepdim=True)  # (b, d)
-                    out[f"mean/{layer}"][idx] = mean.cpu()
+        for idx, batch in theta0_batches(model, samples, pad_token_id, batch_size):
+            final = base.get_decoder()(input_ids=batch["input_ids"],
+                                       attention_mask=batch["attention_mask"]).last_hidden_state  # (b, T, d)
+            response = (batch["labels"] != IGNORE).to(dtype)  # (b, T)
+            # the last response position: the largest position whose label is supervised
+            last = (response * torch.arange(response.shape[1], device=final.device)).argmax(-1)  # (b,)
+            rows = torch.arange(len(idx), device=final.device)
+            out["final"][idx] = final[rows, last].to(dtype).cpu()
+            for layer in layers:
+                h = captured[layer].to(dtype)  # (b, T, d)
+                out[f"last/{layer}"][idx] = h[rows, last].cpu()
+                mean = (response[..., None] * h).sum(1) / response.sum(1, keepdim=True)  # (b, d)
+                out[f"mean/{layer}"][idx] = mean.cpu()
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     return out
 
 
@@ -117,26 +104,21 @@ def safety_layer(model: torch.nn.Module, probes: Sequence[Encoded], pad_token_id
     L_refusal(θ₀)] on the first SCAN_PROBES safe anchors (harmful prompts → refusals): the block whose damping
     most weakens refusal. Returns ℓ* and the loss increase of every block; the weights are restored exactly."""
     probes = probes[:SCAN_PROBES]
-    was_training = model.training
-    model.eval()
-    try:
-        before = float(response_losses(model, probes, pad_token_id, batch_size).mean())
-        rises = []
-        for block in _blocks(model):
-            weights = [m.weight for name, m in block.named_modules()
-                       if isinstance(m, torch.nn.Linear) and ".lora_" not in f".{name}"]
-            saved = [w.detach().clone() for w in weights]
+    before = float(response_losses(model, probes, pad_token_id, batch_size).mean())
+    rises = []
+    for block in _blocks(model):
+        weights = [m.weight for name, m in block.named_modules()
+                   if isinstance(m, torch.nn.Linear) and ".lora_" not in f".{name}"]
+        saved = [w.detach().clone() for w in weights]
+        with torch.no_grad():
+            for w in weights:
+                w.mul_(LAYER_SCALE)
+        try:
+            rises.append(float(response_losses(model, probes, pad_token_id, batch_size).mean()) - before)
+        finally:
             with torch.no_grad():
-                for w in weights:
-                    w.mul_(LAYER_SCALE)
-            try:
-                rises.append(float(response_losses(model, probes, pad_token_id, batch_size).mean()) - before)
-            finally:
-                with torch.no_grad():
-                    for w, s in zip(weights, saved):
-                        w.copy_(s)
-    finally:
-        model.train(was_training)
+                for w, s in zip(weights, saved):
+                    w.copy_(s)
     return max(range(len(rises)), key=lambda i: (rises[i], -i)), rises
 
 
