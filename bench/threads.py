@@ -50,8 +50,8 @@ def worker(option: str, reps: int) -> dict[str, float]:
     from sqsd.directions import Direction, LowRank
     from sqsd.generate import generate_records
     from sqsd.model import load_model
-    from sqsd.render import Collator, encode_records
     from sqsd.projection import lowrank_from_model, project
+    from sqsd.render import Collator, encode_records
 
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)

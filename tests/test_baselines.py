@@ -64,6 +64,8 @@ def test_grad_norm_and_loss_equal_plain_autograd_and_the_hf_loss(tiny):
         assert math.isclose(row["loss"], loss, rel_tol=1e-12)
         assert math.isclose(row["loss"], _hf_loss(model, tok, record), rel_tol=1e-6)
         assert row["risk"] is None and row["danger"] is None
+    alone = score.score_records(model, tok, records, methods=("loss",), batch_size=2)  # forward only
+    assert all(math.isclose(a["score"], r["loss"], rel_tol=1e-12) for a, r in zip(alone, rows, strict=True))
 
 
 def test_every_method_is_invariant_to_batch_size_and_order(tiny):
@@ -297,32 +299,3 @@ def test_cli_errors_for_missing_or_empty_anchors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"--safe-anchors {prompts}: no usable record (every one was skipped: record has no response" in err
     assert "Traceback" not in err
-
-
-def _h(model, tok, record):
-    """Batch 1, a plain forward: the final hidden state (after the final norm) at the last response token."""
-    encoded = encode_record(record, tok, None, 512)
-    last = max(i for i, label in enumerate(encoded.labels) if label != -100)
-    with torch.no_grad():
-        return model.model(input_ids=torch.tensor([encoded.input_ids])).last_hidden_state[0, last]
-
-
-def test_repsim_equals_its_formula_by_a_plain_forward_in_any_batch_and_order_and_is_zero_for_equal_anchors(tiny):
-    model, tok = tiny
-    records, harm, safe = _records(), _anchor_records(HARMFUL, "h"), _anchor_records(SAFE, "s")
-    h_harm = torch.stack([_h(model, tok, r) for r in harm]).mean(0)
-    h_safe = torch.stack([_h(model, tok, r) for r in safe]).mean(0)
-    encoded = {k: [encode_record(r, tok, None, 512) for r in v] for k, v in (("harm", harm), ("safe", safe))}
-    hidden = {k: baselines.last_hidden(model, v, tok.pad_token_id, 2).mean(0) for k, v in encoded.items()}
-    assert torch.allclose(hidden["harm"], h_harm, rtol=1e-10, atol=1e-13)
-    rows = score.score_records(model, tok, records, methods=("repsim",), hidden=hidden, batch_size=3)
-    for row, record in zip(rows, records, strict=True):
-        h = _h(model, tok, record)
-        expected = F.cosine_similarity(h, h_harm, 0) - F.cosine_similarity(h, h_safe, 0)
-        assert math.isclose(row["score"], expected.item(), rel_tol=1e-9, abs_tol=1e-12)
-    order = [5, 2, 6, 0, 3, 1, 4]
-    other = {r["id"]: r for r in score.score_records(model, tok, [records[i] for i in order],
-                                                        methods=("repsim", "length"), hidden=hidden, batch_size=1)}
-    assert all(math.isclose(r["score"], other[r["id"]]["repsim"], rel_tol=1e-9, abs_tol=1e-12) for r in rows)
-    same = score.score_records(model, tok, records, methods=("repsim",), hidden={"harm": h_safe, "safe": h_safe})
-    assert all(r["score"] == 0.0 for r in same)

@@ -14,48 +14,47 @@ truncation) at the model's own weights θ₀ (no adapter):
                 anchoring, gradient features)
     safety-influence  ⟨−∇L(x), ḡ_safe⟩ / ‖ḡ_safe‖      (GradShield-style first-order influence on a safety
                 proxy, arXiv 2605.14194): to first order, how much one SGD step on x raises the refusal loss
-    repsim      cos(h(x), h̄_harm) − cos(h(x), h̄_safe)  (He, Xia, Henderson, COLM 2024: representation features)
+
+The hidden-state baselines (repsim, larf, datashield) are in `sqsd.representations`.
 
 ḡ_set = (1/|set|) Σ_{a ∈ set} ∇_θ L(a) at θ₀ over the same modules: the mean over the anchors of each anchor's
 own mean-token loss gradient (every anchor weighs the same, whatever its length). The harmful anchors are harmful
 prompts with compliant responses, the safe anchors the same kind of prompts with refusals; for safety-influence
 L_refusal = (1/|safe|) Σ_a L(a), so ∇L_refusal = ḡ_safe exactly. A cosine with a zero gradient is 0.
-h(x) is the final hidden state (`last_hidden_state`, after the final norm) at x's last response token (the
-end-of-turn token that closes the response) at θ₀, and h̄_set the mean of h over the set (forward only).
 
 The gradient norm is exact and never materialised: the dense-mode pass of `projection.project` with no
 directions gives per module ‖G_m‖² = Σ_{t,t'} (a_t·a_t')(δ_t·δ_t') (`Projections.sq`), and ‖∇L‖² is their sum.
 The modules are every linear layer of the model but its LM head (`block_linears`: for a decoder-only
 transformer, q/k/v/o/gate/up/down of every block). `loss`, `grad-norm` and `self-inf-n` requested together
-share that one pass (`theta0`). A mean anchor gradient is a dense direction (`anchor_gradient`, computed once
+share that one pass (`theta0`; `loss` without a gradient method is a forward only, `projection.response_losses`). A mean anchor gradient is a dense direction (`anchor_gradient`, computed once
 per run), so gradsim's and safety-influence's ⟨δW(x), ḡ⟩ (δW = −∇L) come out of that same pass too.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel
 
+from sqsd.data import Record
 from sqsd.directions import Dense, Direction
 from sqsd.errors import SqsdError
-from sqsd.projection import Projections, _accum_dtype, _base, _batch_loss, project
-from sqsd.render import IGNORE, Collator, Encoded, Skip, encode_record
+from sqsd.projection import Projections, _accum_dtype, _base, _batch_loss, project, theta0_batches
+from sqsd.render import Encoded, Skip, encode_record
+from sqsd.representations import HIDDEN_METHODS, anchor_states, check_layers
 
-# The methods that need the pass at θ₀ (a forward and a backward per batch).
-AT_THETA0 = ("loss", "grad-norm", "self-inf-n", "gradsim", "safety-influence")
-# Where `anchor_features` keeps a run's anchor gradients and mean hidden states, in its output folder.
+# The methods that need the dense pass at θ₀ (a forward and a backward per batch); `loss` alone is forward only.
+GRADIENT_METHODS = ("grad-norm", "self-inf-n", "gradsim", "safety-influence")
+# Where `anchor_features` keeps a run's anchor gradients and hidden-state features, in its output folder.
 ANCHOR_FILE = "anchors.safetensors"
-# The anchor sets each anchored method needs: gradients (ḡ) and mean hidden states (h̄).
+# The anchor gradients (ḡ) each gradient method needs.
 ANCHORS = {"gradsim": ("harm", "safe"), "safety-influence": ("safe",)}
-HIDDEN_ANCHORS = {"repsim": ("harm", "safe")}
 
 
 def random_score(seed: int, record_id: str) -> float:
@@ -90,35 +89,24 @@ def anchor_gradient(model: torch.nn.Module, anchors: Sequence[Encoded], modules:
     base = _base(model)
     weights = {name: base.get_submodule(name).weight for name in modules}
     dtype = _accum_dtype(model)
-    off = model.disable_adapter() if isinstance(model, PeftModel) else nullcontext()
     flags = [(p, p.requires_grad, p.grad) for p in model.parameters()]
-    was_training = model.training
-    model.eval()
     model.requires_grad_(False)
     for w in weights.values():
         w.grad = None
         w.requires_grad_(True)
-    device = next(model.parameters()).device
-    collate = Collator(pad_token_id)
     total = {name: torch.zeros(w.shape, dtype=dtype, device=w.device) for name, w in weights.items()}
-    order = sorted(range(len(anchors)), key=lambda i: len(anchors[i].input_ids))
     try:
-        with off:
-            for start in range(0, len(order), batch_size):
-                items = [{"input_ids": anchors[i].input_ids, "labels": anchors[i].labels}
-                         for i in order[start:start + batch_size]]
-                batch = {k: v.to(device) for k, v in collate(items).items()}
-                per_sample, _ = _batch_loss(model, batch, dtype)
-                (per_sample.sum() / len(anchors)).backward()
-                for name, w in weights.items():  # summed in `dtype`, not in the weights' own (maybe bf16)
-                    total[name] += w.grad.to(dtype)
-                    w.grad = None
+        for _, batch in theta0_batches(model, anchors, pad_token_id, batch_size):
+            per_sample, _ = _batch_loss(model, batch, dtype)
+            (per_sample.sum() / len(anchors)).backward()
+            for name, w in weights.items():  # summed in `dtype`, not in the weights' own (maybe bf16)
+                total[name] += w.grad.to(dtype)
+                w.grad = None
         return Direction({name: Dense(t.cpu()) for name, t in total.items()}, kind=kind)
     finally:
         for p, flag, grad in flags:
             p.requires_grad_(flag)
             p.grad = grad
-        model.train(was_training)
 
 
 def theta0(model: torch.nn.Module, samples: Sequence[Encoded], modules: Sequence[str], pad_token_id: int,
@@ -134,112 +122,91 @@ def _cos(dot: float, anchor_norm: float, norm: float) -> float:
     return -dot / (norm * anchor_norm) if norm * anchor_norm > 0 else 0.0
 
 
-def method_scores(methods: Sequence[str], seed: int, record_id: str, n_tokens: int,
-                  at_theta0: tuple[float, float] | None,
-                  anchored: dict[str, tuple[float, float]] | None = None,
-                  representation: float | None = None) -> dict[str, float]:
-    """The score of one sample under each baseline in `methods` (`sqsd` is the scorer's own); `at_theta0` =
-    (loss, ‖∇L‖²) from `theta0` when any method needs it; `anchored` = {anchor name: (⟨−∇L, ḡ⟩, ‖ḡ‖)} over
-    the same modules, for the anchored methods; `representation` = repsim's score (`repsim`)."""
+def method_scores(methods: Sequence[str], seed: int, record_id: str, n_tokens: int, loss: float | None,
+                  grad_sq: float | None, anchored: dict[str, tuple[float, float]] | None = None) -> dict[str, float]:
+    """The score of one sample under each baseline of this module in `methods` (others are left out): `loss`
+    = L(x) at θ₀ when `loss` is asked for, `grad_sq` = ‖∇L‖² from `theta0` when a gradient method is; `anchored`
+    = {anchor name: (⟨−∇L, ḡ⟩, ‖ḡ‖)} over the same modules, for the anchored methods."""
     out: dict[str, float] = {}
-    norm = math.sqrt(at_theta0[1]) if at_theta0 is not None else 0.0
+    norm = math.sqrt(grad_sq) if grad_sq is not None else 0.0
     for method in methods:
         if method == "random":
             out[method] = random_score(seed, record_id)
         elif method == "length":
             out[method] = float(n_tokens)
         elif method == "loss":
-            out[method] = at_theta0[0]
+            out[method] = loss
         elif method == "grad-norm":
-            out[method] = math.sqrt(at_theta0[1])
+            out[method] = norm
         elif method == "self-inf-n":
-            out[method] = self_inf_n(at_theta0[1], n_tokens)
+            out[method] = self_inf_n(grad_sq, n_tokens)
         elif method == "gradsim":
             out[method] = _cos(*anchored["harm"], norm) - _cos(*anchored["safe"], norm)
         elif method == "safety-influence":
             dot, anchor_norm = anchored["safe"]
             out[method] = dot / anchor_norm if anchor_norm > 0 else 0.0
-        elif method == "repsim":
-            out[method] = representation
     return out
 
 
 def encode_anchors(path: str, flag: str, tokenizer: Any, system_prompt: str | None,
-                   max_length: int) -> list[Encoded]:
-    """The records of an anchors file (any format the data layer reads), rendered and truncated as the pool is;
-    records with no response token left are left out. An anchors file with no usable record is an error."""
+                   max_length: int) -> list[tuple[Record, Encoded]]:
+    """The records of an anchors file (any format the data layer reads) with their encodings, rendered and
+    truncated as the pool is; records with no response token left are left out. An anchors file with no usable
+    record is an error."""
     from sqsd.data import load_records
 
-    encoded = [encode_record(r, tokenizer, system_prompt, max_length) for r in load_records(path).records]
-    kept = [e for e in encoded if not isinstance(e, Skip)]
+    records = load_records(path).records
+    encoded = [encode_record(r, tokenizer, system_prompt, max_length) for r in records]
+    kept = [(r, e) for r, e in zip(records, encoded) if not isinstance(e, Skip)]
     if not kept:
         raise SqsdError(f"{flag} {path}: no usable record (every one was skipped: {encoded[0].reason})")
     return kept
 
 
-@torch.no_grad()
-def last_hidden(model: torch.nn.Module, samples: Sequence[Encoded], pad_token_id: int,
-                batch_size: int) -> torch.Tensor:
-    """(n, hidden) final hidden states (after the final norm) at each sample's last response token, at θ₀ (any
-    adapters switched off), in the accumulation dtype, in input order. Forward only, length-bucketed batches."""
-    base = _base(model)
-    dtype = _accum_dtype(model)
-    out = torch.zeros(len(samples), base.config.hidden_size, dtype=dtype)
-    off = model.disable_adapter() if isinstance(model, PeftModel) else nullcontext()
-    collate = Collator(pad_token_id)
-    device = next(model.parameters()).device
-    order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids))
-    was_training = model.training
-    model.eval()
-    try:
-        with off:
-            for start in range(0, len(order), batch_size):
-                idx = order[start:start + batch_size]
-                batch = {k: v.to(device) for k, v in collate(
-                    [{"input_ids": samples[i].input_ids, "labels": samples[i].labels} for i in idx]).items()}
-                hidden = base.get_decoder()(input_ids=batch["input_ids"],
-                                            attention_mask=batch["attention_mask"]).last_hidden_state  # (b, T, d)
-                # the last supervised position: (labels != IGNORE) · position, maximised over the sequence
-                positions = torch.arange(hidden.shape[1], device=device)
-                last = ((batch["labels"] != IGNORE) * positions).argmax(-1)  # (b,)
-                out[idx] = hidden[torch.arange(len(idx), device=device), last].to(dtype).cpu()
-    finally:
-        model.train(was_training)
-    return out
-
-
-def repsim(h: torch.Tensor, harm: torch.Tensor, safe: torch.Tensor) -> torch.Tensor:
-    """(n,) cos(h, h̄_harm) − cos(h, h̄_safe) for (n, d) hidden states h; 0 for a zero vector."""
-    def cos(mean: torch.Tensor) -> torch.Tensor:
-        denom = h.norm(dim=-1) * mean.norm()
-        return torch.where(denom > 0, h @ mean / denom.clamp_min(1e-300), 0.0)
-    return cos(harm) - cos(safe)
+def check_disjoint(pool: Sequence[Record], anchors: Sequence[Record], flag: str, path: str) -> None:
+    """Anchors must not share a prompt with the scored data: a sample whose prompt is an anchor's would be
+    scored against itself. A clear error naming both records and how many overlap."""
+    prompts = {json.dumps(r.prompt, sort_keys=True): r for r in pool}
+    clash = [(a, prompts[k]) for a in anchors if (k := json.dumps(a.prompt, sort_keys=True)) in prompts]
+    if clash:
+        anchor, record = clash[0]
+        raise SqsdError(f"{flag} {path}: record {anchor.id} has the same prompt as the scored record {record.id} "
+                        f"({len(clash)} anchor(s) overlap the data); anchors must be disjoint from what is scored "
+                        "(e.g. a held-out split such as @directions)")
 
 
 def anchor_features(config: Any, model: torch.nn.Module, tokenizer: Any, folder: Path, main: bool,
-                    modules: Sequence[str]) -> tuple[dict[str, Direction], dict[str, torch.Tensor]]:
-    """What `config.method` needs of the anchor sets: ({"harm"/"safe": ḡ}, {"harm"/"safe": h̄}), computed once
-    per run and kept in `folder`/ANCHOR_FILE, so that resumed chunks use the same ones. Every process that finds
-    no file computes them (deterministically, from the same inputs); rank 0 writes the file (atomically)."""
+                    modules: Sequence[str], pool: Sequence[Record]
+                    ) -> tuple[dict[str, Direction], dict[str, torch.Tensor]]:
+    """What `config.method` needs of the anchor sets: ({"harm"/"safe": ḡ}, the hidden-state features of
+    `representations.anchor_states`), computed once per run and kept in `folder`/ANCHOR_FILE, so that resumed
+    chunks use the same ones. Every process that finds no file computes them (deterministically, from the same
+    inputs); rank 0 writes the file (atomically). The anchors must be disjoint from `pool` (`check_disjoint`)."""
     from safetensors.torch import load_file, save_file
 
     grads = sorted({n for m in config.method for n in ANCHORS.get(m, ())})
-    hiddens = sorted({n for m in config.method for n in HIDDEN_ANCHORS.get(m, ())})
+    hidden_methods = [m for m in config.method if m in HIDDEN_METHODS]
     path = folder / ANCHOR_FILE
     if path.is_file():
         stored = load_file(str(path))
         return ({n: Direction({m: Dense(stored[f"grad/{n}/{m}"]) for m in modules}, kind=n) for n in grads},
-                {n: stored[f"hidden/{n}"] for n in hiddens})
+                {k.removeprefix("hidden/"): v for k, v in stored.items() if k.startswith("hidden/")})
+    layer = None if config.layer == ("auto",) else [int(x) for x in config.layer]
+    if hidden_methods and layer is not None:
+        check_layers(model, layer)
     files = {"harm": (config.harmful_anchors, "--harmful-anchors"), "safe": (config.safe_anchors, "--safe-anchors")}
-    encoded = {n: encode_anchors(*files[n], tokenizer, config.system_prompt, config.max_length)
-               for n in sorted(set(grads) | set(hiddens))}
-    out_grads = {n: anchor_gradient(model, encoded[n], modules, tokenizer.pad_token_id, config.batch_size, n)
-                 for n in grads}
-    out_hidden = {n: last_hidden(model, encoded[n], tokenizer.pad_token_id, config.batch_size).mean(0)
-                  for n in hiddens}
+    encoded = {}
+    for n in sorted(set(grads) | ({"harm", "safe"} if hidden_methods else set())):
+        encoded[n] = encode_anchors(*files[n], tokenizer, config.system_prompt, config.max_length)
+        check_disjoint(pool, [r for r, _ in encoded[n]], files[n][1], files[n][0])
+    out_grads = {n: anchor_gradient(model, [e for _, e in encoded[n]], modules, tokenizer.pad_token_id,
+                                    config.batch_size, n) for n in grads}
+    out_hidden = anchor_states(hidden_methods, model, encoded.get("harm", []), encoded.get("safe", []),
+                               tokenizer.pad_token_id, config.batch_size, layer, config.top_k) \
+        if hidden_methods else {}
     if main:
         tmp = path.with_name(path.name + ".tmp")
         save_file({**{f"grad/{n}/{m}": t.T.contiguous() for n, d in out_grads.items() for m, t in d.modules.items()},
-                   **{f"hidden/{n}": h.contiguous() for n, h in out_hidden.items()}}, str(tmp))
+                   **{f"hidden/{k}": v.contiguous() for k, v in out_hidden.items()}}, str(tmp))
         os.replace(tmp, path)
     return out_grads, out_hidden

@@ -293,9 +293,10 @@ class ScoreConfig(DataArgs, ModelArgs, RenderArgs, ScoringArgs, BatchArgs, SeedA
               "--method needs one or more distinct methods")
         check(bool(self.danger or self.safety) or "sqsd" not in self.method,
               "give --danger and/or --safety (a direction file each) for --method sqsd")
-        for method in ("gradsim", "repsim"):
+        for method in ("gradsim", "repsim", "larf", "datashield"):
             check(method not in self.method or bool(self.harmful_anchors and self.safe_anchors),
                   f"--method {method} needs --harmful-anchors and --safe-anchors")
+        check("larf" not in self.method or len(self.layer) == 1, "--method larf takes one --layer")
         check("safety-influence" not in self.method or bool(self.safe_anchors),
               "--method safety-influence needs --safe-anchors (the refusal probe set)")
 

@@ -43,6 +43,7 @@ from sqsd.directions import Direction
 from sqsd.errors import SqsdError
 from sqsd.options import EVAL_MAX_NEW_TOKENS, METRICS
 from sqsd.projection import Projections
+from sqsd.stats import bootstrap_ci
 
 TRAJECTORY_FILE = "trajectory.jsonl"
 TRAJECTORY_PLOT = "trajectory.png"
@@ -209,7 +210,6 @@ class DriftTracker(TrainerCallback):
 
     def evaluate(self, model: torch.nn.Module, step: int) -> dict[str, Any]:
         """ASR of the model as it is now: greedy generation on the eval prompts, keyword judge."""
-        from sqsd.evaluate import bootstrap_ci
         from sqsd.generate import generate_records
         from sqsd.judges import KeywordJudge
 

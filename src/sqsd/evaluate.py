@@ -36,23 +36,12 @@ from sqsd.judges import HarmBenchJudge, KeywordJudge, LlamaGuardJudge
 from sqsd.options import AdapterArgs, GenerationArgs, ModelArgs
 from sqsd.readers import read_rows
 from sqsd.runs import on_main, open_run, write_json_atomic
+from sqsd.stats import bootstrap_ci
 
 CATEGORY_FIELDS = ("category", "Category", "risk_area", "SemanticCategory")
 SUMMARY_FILE = "summary.json"
 # Config fields a rerun may change: how many prompts, how fast, which judge (each judge has its own file).
 RESUMABLE_FIELDS = ("limit", "batch_size", "judge", "judge_model", "judge_batch_size", "n_bootstrap")
-
-
-def bootstrap_ci(values: Sequence[float], n_bootstrap: int = 1000, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean of `values` (resampling the values with replacement)."""
-    x = np.asarray(values, dtype=float)
-    if len(x) == 0:
-        return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, len(x), size=(n_bootstrap, len(x)))].mean(axis=1)
-    tail = (1 - level) / 2
-    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
 
 
 def rate_summary(per_prompt: Sequence[float], n_bootstrap: int, seed: int) -> dict[str, Any]:

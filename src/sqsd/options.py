@@ -21,9 +21,9 @@ Format = Literal["auto", "alpaca", "dolly", "messages", "prompt-completion", "be
 DATA_FORMATS: tuple[str, ...] = typing.get_args(Format)
 Metric = Literal["cosine-sum", "projection", "cosine"]
 METRICS: tuple[str, ...] = typing.get_args(Metric)
-# `sqsd score --method`: SQSD and the baselines of `sqsd.baselines`.
+# `sqsd score --method`: SQSD and the baselines of `sqsd.baselines` and `sqsd.representations`.
 METHODS: tuple[str, ...] = ("sqsd", "random", "length", "loss", "grad-norm", "self-inf-n", "gradsim",
-                            "safety-influence", "repsim")
+                            "safety-influence", "repsim", "larf", "datashield")
 Kind = Literal["danger", "safety"]
 
 # The evaluation every measured figure of the README uses (keyword judge, greedy): `evaluate`, `steer` and
@@ -140,12 +140,24 @@ class BatchArgs(Config):
 
 @dataclass(frozen=True, kw_only=True)
 class AnchorArgs(Config):
-    """The anchor sets of the anchored baselines (`sqsd.baselines`): any data the data layer reads."""
+    """The anchor sets of the anchored baselines (`sqsd.baselines`, `sqsd.representations`: any data the data
+    layer reads) and the layers of the hidden-state ones."""
 
     harmful_anchors: str | None = arg(None, help="harmful prompts with compliant responses (e.g. `sqsd directions "
-                                                 "data --kind danger`); needed by --method gradsim and repsim")
+                                                 "data --kind danger`); needed by --method gradsim, repsim, larf "
+                                                 "and datashield")
     safe_anchors: str | None = arg(None, help="harmful prompts with refusals (e.g. `sqsd directions data --kind "
-                                              "safety`); needed by --method gradsim, repsim and safety-influence")
+                                              "safety`); needed by --method gradsim, safety-influence, repsim, "
+                                              "larf and datashield")
+    layer: tuple[str, ...] = arg(("auto",), help="decoder layer(s) of --method larf (one) and datashield (summed): "
+                                                 "`auto` = the layer scan (the block whose damping most raises the "
+                                                 "refusal loss on the safe anchors), or block indices from 0")
+    top_k: int = arg(10, help="--method larf: average the cosines with this many most similar anchors of each set")
+
+    def _validate(self) -> None:
+        check(self.layer == ("auto",) or (bool(self.layer) and all(x.isdigit() for x in self.layer)),
+              f"--layer takes `auto` or block indices from 0, got {' '.join(self.layer)!r}")
+        check(self.top_k >= 1, "--top-k must be >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -34,7 +34,7 @@ The slow reference the tests hold this to is `sqsd.reference`, which shares none
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -308,6 +308,37 @@ class _ScalingOverride:
 
 def _accum_dtype(model) -> torch.dtype:
     return torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+
+
+def theta0_batches(model, samples: Sequence[Encoded], pad_token_id: int,
+                   batch_size: int) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """(input indices, batch on the model's device) for length-bucketed, right-padded batches of `samples`, with
+    any adapters switched off and the model in eval mode while it runs (both restored after): the passes of the
+    baselines, which read the model at its own weights θ₀."""
+    collate = Collator(pad_token_id)
+    device = next(model.parameters()).device
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids))
+    was_training = model.training
+    model.eval()
+    try:
+        with model.disable_adapter() if isinstance(model, PeftModel) else nullcontext():
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                yield idx, {k: v.to(device) for k, v in collate(
+                    [{"input_ids": samples[i].input_ids, "labels": samples[i].labels} for i in idx]).items()}
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def response_losses(model, samples: Sequence[Encoded], pad_token_id: int, batch_size: int) -> torch.Tensor:
+    """(n,) each sample's mean response-token loss at the model's own weights (any adapters switched off), in
+    the accumulation dtype and input order: forward only."""
+    dtype = _accum_dtype(model)
+    out = torch.zeros(len(samples), dtype=dtype)
+    for idx, batch in theta0_batches(model, samples, pad_token_id, batch_size):
+        out[idx] = _batch_loss(model, batch, dtype)[0].cpu()
+    return out
 
 
 def project(model, samples: Sequence[Encoded], directions: Sequence[Direction], *, pad_token_id: int,

@@ -5,9 +5,10 @@ anchor) and onto the safety direction (taken at the safety anchor), and risk = d
 A term without an anchor is scored in dense mode, at the model itself; a missing term leaves its column empty
 and counts as 0 in the risk.
 
-`--method` picks SQSD and/or the baselines of `sqsd.baselines` (random, length, loss, grad-norm, self-inf-n):
-`score` holds the first method's score (SQSD's = risk), and with several methods each gets a column named after
-it; the baselines at θ₀ share one dense pass per batch.
+`--method` picks SQSD and/or the baselines of `sqsd.baselines` (random, length, loss, grad-norm, self-inf-n,
+gradsim, safety-influence) and `sqsd.representations` (repsim, larf, datashield): `score` holds the first method's
+score (SQSD's = risk), and with several methods each gets a column named after it; the gradient baselines share
+one dense pass at θ₀ per batch, the hidden-state ones one forward.
 
 `score_records` is the core for callers that already hold a model (tests, experiments); `score` is the command:
 it validates the direction files and anchors (`terms.check_files`, before any model is loaded), loads data,
@@ -44,25 +45,16 @@ import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
-from sqsd.baselines import (
-    ANCHORS,
-    AT_THETA0,
-    HIDDEN_ANCHORS,
-    anchor_features,
-    block_linears,
-    last_hidden,
-    method_scores,
-    repsim,
-    theta0,
-)
+from sqsd.baselines import ANCHORS, GRADIENT_METHODS, anchor_features, block_linears, method_scores, theta0
 from sqsd.config import ScoreConfig
 from sqsd.data import Record
 from sqsd.directions import Direction
 from sqsd.errors import DataError, SqsdError
 from sqsd.formats import RawRecord
-from sqsd.projection import check_logits, project
+from sqsd.projection import check_logits, project, response_losses
 from sqsd.readers import read_rows
 from sqsd.render import Encoded, Skip, encode_record
+from sqsd.representations import HIDDEN_METHODS, hidden_scores, sample_layers, states
 from sqsd.runs import open_run
 from sqsd.terms import TERMS, Term, check_files, load_terms
 
@@ -111,7 +103,8 @@ def score_records(model: Any, tokenizer: Any, records: Sequence[Record], *, dang
     """Score `records` at `model` (a PeftModel holding the terms' adapters, or a plain model for dense terms)
     under each of `methods` (`sqsd`, or the baselines of `sqsd.baselines`, which use `seed` and `modules`:
     default `baselines.block_linears`; the anchored ones also `anchors`, {"harm"/"safe": ḡ} from
-    `baselines.anchor_gradient` over the same modules, and repsim `hidden`, {"harm"/"safe": h̄}).
+    `baselines.anchor_gradient` over the same modules; the hidden-state ones of `sqsd.representations` their
+    anchor features `hidden`, from `representations.anchor_states`).
 
     Returns one row per record in order, with every column of `columns(methods)` but risk_z (a pool statistic,
     see `add_risk_z`); `index` counts from `first_index`. `bar` is advanced by the samples of each batch. The
@@ -124,10 +117,10 @@ def score_records(model: Any, tokenizer: Any, records: Sequence[Record], *, dang
     elif not terms:
         raise SqsdError("nothing to score: give a danger and/or a safety direction")
     passes = _passes(terms)
-    need_theta0 = any(m in AT_THETA0 for m in methods)
-    if terms or need_theta0:
+    need_grad = any(m in GRADIENT_METHODS for m in methods)
+    if terms or need_grad or "loss" in methods:
         check_logits(model)
-    if need_theta0:
+    if need_grad:
         modules = list(modules or block_linears(model))
     device = next(model.parameters()).device
     dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
@@ -135,9 +128,11 @@ def score_records(model: Any, tokenizer: Any, records: Sequence[Record], *, dang
     loss_term = "danger" if "danger" in terms else "safety"
     anchor_names = sorted({n for m in methods for n in ANCHORS.get(m, ())})
     missing = [n for n in anchor_names if not anchors or n not in anchors] \
-        + [n for m in methods for n in HIDDEN_ANCHORS.get(m, ()) if not hidden or n not in hidden]
+        + [m for m in methods if m in HIDDEN_METHODS and not any(k.startswith(f"{m}/") for k in hidden or {})]
     if missing:
         raise SqsdError(f"--method {', '.join(methods)} needs the {missing[0]} anchor features")
+    hidden_methods = [m for m in methods if m in HIDDEN_METHODS]
+    layers = sample_layers(hidden_methods, hidden) if hidden_methods else []
     anchor_dirs = [anchors[n].to(dtype, device) for n in anchor_names] if anchor_names else []
     anchor_norms = [math.sqrt(float(d.sq_norm())) for d in anchor_dirs]
     rows: list[dict[str, Any] | None] = [None] * len(records)
@@ -161,11 +156,13 @@ def score_records(model: Any, tokenizer: Any, records: Sequence[Record], *, dang
             if loss_term in names:
                 loss = p.loss
         at0 = theta0(model, [e for _, e in batch], modules, tokenizer.pad_token_id, len(batch), anchor_dirs) \
-            if need_theta0 else None
-        if at0 is not None and ("loss" in methods or loss is None):
-            loss = at0.loss
-        rep = repsim(last_hidden(model, [e for _, e in batch], tokenizer.pad_token_id, len(batch)),
-                     hidden["harm"].to(dtype), hidden["safe"].to(dtype)) if "repsim" in methods else None
+            if need_grad else None
+        loss0 = at0.loss if at0 is not None else response_losses(
+            model, [e for _, e in batch], tokenizer.pad_token_id, len(batch)) if "loss" in methods else None
+        if loss0 is not None and ("loss" in methods or loss is None):
+            loss = loss0
+        rep = hidden_scores(hidden_methods, states(model, [e for _, e in batch], tokenizer.pad_token_id,
+                                                   len(batch), layers), hidden) if hidden_methods else {}
         for b, (i, encoded) in enumerate(batch):
             row = {"index": first_index + i, "id": records[i].id,
                    **{name: float(values[name][b]) if name in values else None for name in TERMS}}
@@ -173,9 +170,11 @@ def score_records(model: Any, tokenizer: Any, records: Sequence[Record], *, dang
             row.update(n_response_tokens=encoded.n_response_tokens,
                        loss=None if loss is None else float(loss[b]), status=OK)
             scores = method_scores(methods, seed, records[i].id, encoded.n_response_tokens,
-                                   None if at0 is None else (float(at0.loss[b]), float(at0.sq[b].sum())),
+                                   None if loss0 is None else float(loss0[b]),
+                                   None if at0 is None else float(at0.sq[b].sum()),
                                    {n: (float(at0.dots[b, d].sum()), anchor_norms[d])
-                                    for d, n in enumerate(anchor_names)}, None if rep is None else float(rep[b]))
+                                    for d, n in enumerate(anchor_names)})
+            scores |= {m: float(v[b]) for m, v in rep.items()}
             scores["sqsd"] = row["risk"]
             row.update({m: scores[m] for m in methods}, score=scores[methods[0]])
             bad = [k for k in row if isinstance(row[k], float) and not math.isfinite(row[k])]
@@ -363,8 +362,8 @@ def _score(config: ScoreConfig, state: PartialState, run: Any) -> None:
         model, tokenizer = load_model(config.model, config.dtype, device)
         model, terms = load_terms(config, model, run.inputs["model"])
         modules = block_linears(model)
-        anchors, hidden = anchor_features(config, model, tokenizer, folder, main, modules) \
-            if any(m in ANCHORS or m in HIDDEN_ANCHORS for m in config.method) else (None, None)
+        anchors, hidden = anchor_features(config, model, tokenizer, folder, main, modules, records) \
+            if any(m in ANCHORS or m in HIDDEN_METHODS for m in config.method) else (None, None)
         todo = sum(len(records[c * config.chunk_size:(c + 1) * config.chunk_size]) for c in mine)
         if main:
             print(f"{len(records)} record(s) in {n_chunks} chunk(s) of {config.chunk_size}: "
