@@ -72,9 +72,9 @@ def uninterrupted(tmp_path_factory):
 
 
 def estimates(tree):
-    """Every {value, lo, hi} in a results tree."""
+    """Every {value, ci95} (`stats.Estimate.to_dict`) in a results tree."""
     if isinstance(tree, dict):
-        if set(tree) == {"value", "lo", "hi"}:
+        if set(tree) == {"value", "ci95"}:
             yield tree
         for v in tree.values():
             yield from estimates(v)
@@ -101,7 +101,7 @@ def test_tiny_experiment_has_every_cell_and_consistent_statistics(uninterrupted)
     assert set(ends) == {*METHODS, "control"} and set(ends["length"]) == {"top", "bottom"}
     assert all(len(ends[m][s]["asr_per_seed"]) == 2 for m in METHODS for s in ("top", "bottom"))
     found = list(estimates(results))
-    assert len(found) > 20 and all(e["lo"] <= e["value"] <= e["hi"] for e in found)
+    assert len(found) > 20 and all(e["ci95"][0] <= e["value"] <= e["ci95"][1] for e in found)
     assert set(results["ranking"]["ends"]) == set(METHODS)
     assert "reference_minus_this" not in results["ranking"]["ends"]["length"]  # the reference itself
     assert results["n_prompts"] == 4 and results["base"]["over_refusal"] is not None

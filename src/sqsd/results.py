@@ -118,8 +118,8 @@ def assemble(config: ExperimentConfig, out: Path, base: list[str], cells: list[A
     return results
 
 
-def _ci(e: dict[str, float] | None) -> str:
-    return "-" if e is None else f"{e['value']:.3f} [{e['lo']:.3f}, {e['hi']:.3f}]"
+def _ci(e: dict[str, Any] | None) -> str:
+    return "-" if e is None else f"{e['value']:.3f} [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}]"
 
 
 def _cell(entry: dict[str, Any] | None) -> str:
