@@ -44,7 +44,7 @@ from sqsd.evaluate import SUMMARY_FILE, evaluate
 from sqsd.filter import filter_scores
 from sqsd.fingerprints import data_fingerprints, model_fingerprint
 from sqsd.runs import open_run, write_json_atomic
-from sqsd.score import score
+from sqsd.score import method_column, score
 from sqsd.train import train
 
 RESULTS_FILE = "results.json"
@@ -138,8 +138,8 @@ class Experiment:
 
     def cut(self, scores: Path, pool: Path, folder: Path, method: str, **mode: Any) -> dict[str, list[dict]]:
         """`sqsd filter` of `method`'s ranking into `folder`: {subset name: lines}."""
-        column = method if len(self.config.methods) > 1 else "score"
-        out = filter_scores(FilterConfig(scores=str(scores), data=str(pool), output_dir=str(folder), by=column,
+        out = filter_scores(FilterConfig(scores=str(scores), data=str(pool), output_dir=str(folder),
+                                         by=method_column(self.config.methods, method),
                                          overwrite=self.config.overwrite, **mode))
         return {p.stem: _read_jsonl(p) for p in sorted(out.glob("*.jsonl"))}
 

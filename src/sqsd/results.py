@@ -34,7 +34,7 @@ from sqsd.config import ExperimentConfig
 from sqsd.data import load_records
 from sqsd.evaluate import JUDGED_FIELDS, SUMMARY_FILE
 from sqsd.readers import read_rows
-from sqsd.score import OK, read_scores
+from sqsd.score import OK, method_column, read_scores
 from sqsd.stats import average_precision, gap_ci, mean_ci, paired_difference, recall_at, roc_auc, spearman
 
 
@@ -110,7 +110,7 @@ def assemble(config: ExperimentConfig, out: Path, base: list[str], cells: list[A
         if (protocol, "unfiltered", "all") in matrices:
             entry["asr_unfiltered"] = mean_ci(matrices[protocol, "unfiltered", "all"], **kw).to_dict()
         for m in config.methods:
-            scores = np.array([r[m if len(config.methods) > 1 else "score"] for r in rows], dtype=float)
+            scores = np.array([r[method_column(config.methods, m)] for r in rows], dtype=float)
             entry["methods"][m] = {"auc": roc_auc(scores, labels), "ap": average_precision(scores, labels),
                                    "recall_at_fraction": recall_at(scores, labels, fraction)}
             if (protocol, m, "kept") in matrices:

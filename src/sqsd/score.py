@@ -89,6 +89,11 @@ def columns(methods: Sequence[str]) -> tuple[str, ...]:
     return COLUMNS + (tuple(m for m in methods if m not in COLUMNS) if len(methods) > 1 else ())
 
 
+def method_column(methods: Sequence[str], method: str) -> str:
+    """The column of a scores file scored with `methods` that holds `method`'s score (see `columns`)."""
+    return method if len(methods) > 1 else "score"
+
+
 def _skip_row(index: int, record_id: str, reason: str) -> dict[str, Any]:
     return {"index": index, "id": record_id, "danger": None, "safety": None, "risk": None,
             "n_response_tokens": None, "loss": None, "status": f"skipped: {reason}"}
