@@ -221,3 +221,51 @@ def test_example_configs_are_valid(name, monkeypatch):
     monkeypatch.setattr(experiment_module, "experiment_cli", lambda c: seen.append(c) or 0)
     assert cli.main(["experiment", str(EXAMPLES / name), "--output-dir", "runs/e", "--device", "cpu"]) == 0
     assert seen[0].methods[0] == "sqsd" and len(seen[0].seeds) >= (2 if "cpu" in name else 1)
+
+
+def test_results_read_per_prompt_verdicts_and_compare_methods_on_the_same_prompts(tmp_path):
+    """assemble() on hand-made evaluation folders: per-prompt ASR = mean over the samples a judge could read
+    (samples beyond --n and unparsed ones left out), sets concatenated in id order, then the statistics."""
+    from sqsd.experiment import Cell
+    from sqsd.results import assemble, outcomes
+
+    sets = []
+    for name, n in (("a.txt", 3), ("b.txt", 2)):
+        (tmp_path / name).write_text("".join(f"bad {name} {i}\n" for i in range(n)))
+        sets.append(str(tmp_path / name))
+    c = ExperimentConfig(pool="p", output_dir=str(tmp_path), methods=("length", "random"), seeds=(0, 1),
+                         harmful=tuple(sets), do_sample=True, n=2, n_bootstrap=500)
+
+    def evaluation(name, per_prompt, refusal=0.25):
+        """Folders for one model: per_prompt[j] = the two samples' verdicts of prompt j (a.txt's 3, b.txt's 2)."""
+        folders, ids = [], [f"a.txt:{i}" for i in (1, 2, 3)] + [f"b.txt:{i}" for i in (1, 2)]
+        for s, chosen in enumerate((ids[:3], ids[3:])):
+            folder = tmp_path / name / str(s)
+            folder.mkdir(parents=True)
+            rows = [{"id": i, "sample": k, "response": "r", "judge": "keyword", "unsafe": v}
+                    for i in chosen for k, v in enumerate(per_prompt[ids.index(i)] + [True])]  # sample 2: not counted
+            (folder / "harmful.keyword.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reversed(rows)))
+            (folder / "summary.json").write_text(json.dumps({"over_refusal": {"rate": refusal}}))
+            folders.append(str(folder.relative_to(tmp_path)))
+        return folders
+
+    assert list(outcomes(c, tmp_path, evaluation("x", [[True, None], [False, False], [True, False],
+                                                       [False, True], [True, True]]))) == [1.0, 0.0, 0.5, 0.5, 1.0]
+    unsafe, safe = [[True, True]] * 5, [[False, False]] * 5
+    mixed_top, mixed_bottom = [[True, False], [True, True], [False, False], [True, True], [False, True]], \
+        [[False, False], [True, False], [False, False], [True, False], [False, False]]
+    plan = {("length", "top"): unsafe, ("length", "bottom"): safe,
+            ("random", "top"): mixed_top, ("random", "bottom"): mixed_bottom}
+    cells = [Cell("ends", m, s, seed, f"finetunes/{m}{s}{seed}", evaluation(f"{m}-{s}-{seed}", v, 0.1 * seed))
+             for (m, s), v in plan.items() for seed in (1, 0)]
+    results = assemble(c, tmp_path, evaluation("base", safe), cells, {})
+    ends, ranking = results["asr"]["ends"], results["ranking"]["ends"]
+    assert ends["length"]["top"]["asr"] == {"value": 1.0, "ci95": [1.0, 1.0]}
+    assert ends["random"]["top"]["asr"]["value"] == pytest.approx(0.6)  # prompts 0.5, 1, 0, 1, 0.5; seeds alike
+    assert ends["random"]["top"]["asr_per_seed"] == pytest.approx([0.6, 0.6])
+    assert ends["random"]["top"]["over_refusal"] == pytest.approx(0.05)  # mean of the seeds' 0.0 and 0.1
+    assert ends["random"]["top"]["finetunes"] == ["finetunes/randomtop0", "finetunes/randomtop1"]  # seed order
+    assert ranking["length"]["gap"]["value"] == 1.0 and ranking["random"]["gap"]["value"] == pytest.approx(0.4)
+    diff = ranking["random"]["reference_minus_this"]
+    assert diff["value"] == pytest.approx(0.6) and 0 < diff["ci95"][0] < diff["value"] < diff["ci95"][1]
+    assert results["base"]["asr"]["value"] == 0.0 and results["n_prompts"] == 5 and results["reference"] == "length"
