@@ -251,6 +251,8 @@ def test_results_read_per_prompt_verdicts_and_compare_methods_on_the_same_prompt
 
     assert list(outcomes(c, tmp_path, evaluation("x", [[True, None], [False, False], [True, False],
                                                        [False, True], [True, True]]))) == [1.0, 0.0, 0.5, 0.5, 1.0]
+    with pytest.raises(SqsdError, match="no readable verdict on prompt 'a.txt:2'"):
+        outcomes(c, tmp_path, evaluation("y", [[True, True], [None, None], [True, True], [True, True], [True, True]]))
     unsafe, safe = [[True, True]] * 5, [[False, False]] * 5
     mixed_top, mixed_bottom = [[True, False], [True, True], [False, False], [True, True], [False, True]], \
         [[False, False], [True, False], [False, False], [True, False], [False, False]]

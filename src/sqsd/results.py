@@ -1,7 +1,7 @@
 """The statistics of `sqsd experiment`: results.json and the table printed at the end, from its stages' files.
 
 A prompt's outcome in one evaluation is the fraction of its samples the judge found unsafe (unparsed verdicts
-left out), read from the judged records `harmful.<judge>.jsonl` that `sqsd evaluate` writes. The prompts of
+left out; a prompt with none left is an error), read from the judged records `harmful.<judge>.jsonl` that `sqsd evaluate` writes. The prompts of
 every harmful set, each set in id order, are concatenated: a cell (one fine-tune) is a vector over prompts,
 and the cells of one method x subset, one per seed, a matrix (n_seeds, n_prompts). The maths is `sqsd.stats`:
 bootstrap CIs over prompts and seeds, resampled with the same indices for every matrix of one comparison
@@ -32,6 +32,7 @@ import numpy as np
 
 from sqsd.config import ExperimentConfig
 from sqsd.data import load_records
+from sqsd.errors import SqsdError
 from sqsd.evaluate import JUDGED_FIELDS, SUMMARY_FILE
 from sqsd.readers import read_rows
 from sqsd.score import OK, method_column, read_scores
@@ -50,7 +51,11 @@ def outcomes(config: ExperimentConfig, out: Path, evals: list[str]) -> np.ndarra
         for row in read_rows(out / folder / f"harmful.{config.judge}.jsonl", JUDGED_FIELDS):
             if row.fields["unsafe"] is not None and row.fields["sample"] < config.n:
                 verdicts[row.fields["id"]].append(row.fields["unsafe"])
-        values += [float(np.mean(verdicts[i])) for i in _prompt_ids(harmful, config.limit)]
+        for i in _prompt_ids(harmful, config.limit):
+            if not verdicts[i]:  # every prompt must count in every table, or comparisons would not be paired
+                raise SqsdError(f"{out / folder}: no readable verdict on prompt {i!r} (unparsed or missing); "
+                                "judge it again (delete the judged file) or use another --judge")
+            values.append(float(np.mean(verdicts[i])))
     return np.array(values)
 
 
