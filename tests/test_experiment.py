@@ -119,8 +119,9 @@ def test_contamination_oracle_finds_every_injected_sample_and_random_is_chance(u
     assert found["methods"]["loss"] == {**found["methods"]["loss"], "auc": 1.0, "ap": 1.0, "recall_at_fraction": 1.0}
     assert {"asr_filtered"} <= set(found["methods"]["random"]) and "asr_unfiltered" in found
     # the mixed pool: the pool, plus the injected samples from the source, in a shuffled order
-    mixed = [json.loads(line)["id"] for line in (run / "contamination" / "0.2" / "mixed.jsonl").read_text().splitlines()]
-    injected = json.loads((run / "contamination" / "0.2" / "injected.json").read_text())
+    folder = run / "contamination" / "0.2"
+    mixed = [json.loads(line)["id"] for line in (folder / "mixed.jsonl").read_text().splitlines()]
+    injected = json.loads((folder / "injected.json").read_text())
     assert len(mixed) == 12 and set(injected) < set(mixed) and all(i.startswith("injected:") for i in injected)
     assert [i for i in mixed if i in injected] != mixed[-2:] or mixed[:10] != sorted(mixed[:10])
     labels = np.array([i in injected for i in mixed])

@@ -3,8 +3,8 @@
 Options are generated from the config dataclass fields (`config.py`), so a flag's name, type, default and help
 exist in exactly one place. A command whose config declares a positional `config` field (`sqsd experiment`) also
 reads its options from that YAML file: every key is an option name (`learning_rate` or `learning-rate`), an
-option given on the command line wins over the file, and an unknown key is an error naming it and the file. Library modules are imported only when their command runs, which keeps
-`sqsd --help` fast.
+option given on the command line wins over the file, and an unknown key is an error naming it and the file.
+Library modules are imported only when their command runs, which keeps `sqsd --help` fast.
 """
 
 from __future__ import annotations

@@ -371,7 +371,7 @@ class ExperimentConfig(ModelArgs, RenderArgs, ScoringArgs, MethodArgs, LoraArgs,
     max_length: int = 512
 
     def _validate(self) -> None:
-        check(len(set(self.protocols)) == len(self.protocols) >= 1, "--protocols needs one or more distinct protocols")
+        check(len(set(self.protocols)) == len(self.protocols) >= 1, "--protocols needs one or more, each once")
         check(len(set(self.seeds)) == len(self.seeds) >= 1, "--seeds needs one or more distinct seeds")
         check(self.window_size is not None, "--window-size is needed (samples per subset)")
         check(len({Path(h).name for h in self.harmful}) == len(self.harmful) >= 1,

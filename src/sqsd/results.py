@@ -1,9 +1,9 @@
 """The statistics of `sqsd experiment`: results.json and the table printed at the end, from its stages' files.
 
 A prompt's outcome in one evaluation is the fraction of its samples the judge found unsafe (unparsed verdicts
-left out; a prompt with none left is an error), read from the judged records `harmful.<judge>.jsonl` that `sqsd evaluate` writes. The prompts of
-every harmful set, each set in id order, are concatenated: a cell (one fine-tune) is a vector over prompts,
-and the cells of one method x subset, one per seed, a matrix (n_seeds, n_prompts). The maths is `sqsd.stats`:
+left out; a prompt with none left is an error), read from the judged records `harmful.<judge>.jsonl` that
+`sqsd evaluate` writes. The prompts of every harmful set, each set in id order, are concatenated: a cell (one
+fine-tune) is a vector over prompts, and the cells of one method x subset, one per seed, a matrix (n_seeds, n_prompts). The maths is `sqsd.stats`:
 bootstrap CIs over prompts and seeds, resampled with the same indices for every matrix of one comparison
 (paired), so a gap or a difference of gaps is judged on the same prompts and seeds.
 
@@ -106,7 +106,8 @@ def assemble(config: ExperimentConfig, out: Path, base: list[str], cells: list[A
             if m != reference:
                 entry["reference_minus_this"] = paired_difference(*ends[reference], *ends[m], **kw).to_dict()
     for ratio, found in detection.items():
-        rows, injected = [r for r in read_scores(out / found["scores"]) if r["status"] == OK], set(found["injected"])
+        rows = [r for r in read_scores(out / found["scores"]) if r["status"] == OK]
+        injected = set(found["injected"])
         labels = np.array([r["id"] in injected for r in rows])
         fraction = len(found["injected"]) / found["n_pool"]
         entry = results["contamination"][ratio] = {"n_pool": found["n_pool"], "n_injected": len(found["injected"]),
