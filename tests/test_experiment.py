@@ -272,3 +272,16 @@ def test_results_read_per_prompt_verdicts_and_compare_methods_on_the_same_prompt
     diff = ranking["random"]["reference_minus_this"]
     assert diff["value"] == pytest.approx(0.6) and 0 < diff["ci95"][0] < diff["value"] < diff["ci95"][1]
     assert results["base"]["asr"]["value"] == 0.0 and results["n_prompts"] == 5 and results["reference"] == "length"
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(protocols=("contamination",)), "protocol contamination needs --contamination-source"),
+    (dict(methods=("sqsd",)), "give --danger and/or --safety"),  # the scoring options, checked as `score` does
+    (dict(methods=("random", "gradsim")), "--method gradsim needs --harmful-anchors and --safe-anchors"),
+    (dict(harmful=("a/x.txt", "b/x.txt")), "distinct names"),
+    (dict(contamination_ratios=(0.1, 1.0)), "fractions in \\(0, 1\\)"),
+    (dict(seeds=(0, 0)), "--seeds needs one or more distinct seeds"),
+])
+def test_experiment_config_refuses_what_cannot_run(kw, message):
+    with pytest.raises(SqsdError, match=message):
+        ExperimentConfig(pool="p", output_dir="o", **{"methods": ("random",), **kw})
