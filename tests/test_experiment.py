@@ -285,3 +285,22 @@ def test_results_read_per_prompt_verdicts_and_compare_methods_on_the_same_prompt
 def test_experiment_config_refuses_what_cannot_run(kw, message):
     with pytest.raises(SqsdError, match=message):
         ExperimentConfig(pool="p", output_dir="o", **{"methods": ("random",), **kw})
+
+
+@pytest.mark.slow
+def test_a_small_experiment_on_the_real_smollm2_and_named_datasets(tmp_path, monkeypatch):
+    """The offline stack the CPU example uses (`smollm2`, dolly-sqsd, harmbench/alpaca-eval @eval), tiny sizes."""
+    from conftest import USER_CACHE
+    from sqsd import assets
+
+    monkeypatch.setenv("SQSD_CACHE", str(USER_CACHE))
+    if not all(assets.is_present(a) for a in ("smollm2", "harmbench", "alpaca-eval")):
+        pytest.skip(f"the offline assets are not all in {USER_CACHE}; run `sqsd assets fetch`")
+    results = experiment(ExperimentConfig(
+        model="smollm2", pool="dolly-sqsd", n_pool=12, methods=("length", "random"), window_size=4, seeds=(0,),
+        max_steps=2, batch_size=4, max_length=256, harmful=("harmbench@eval",), limit=4, max_new_tokens=8,
+        n_bootstrap=200, output_dir=str(tmp_path / "run")))
+    assert results["n_prompts"] == 4 and set(results["asr"]["ends"]) == {"length", "random", "control"}
+    lengths = [len(json.loads(line)["messages"][-1]["content"]) for name in ("top", "bottom")
+               for line in (tmp_path / "run/cells/ends/length" / name / "seed0/subset.jsonl").read_text().splitlines()]
+    assert min(lengths[:4]) >= max(lengths[4:])  # length's top holds the longest responses
