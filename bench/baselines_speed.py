@@ -116,38 +116,41 @@ def phase(args: argparse.Namespace) -> dict:
     hf_logging.set_verbosity_error()
     paths = json.loads(args.paths)
     methods = tuple(args.methods)
+    forward_only = methods == ("forward-loss",)
+    scored = ("loss",) if forward_only else methods  # the columns checked for None / non-finite values
     records = load_records(paths["pool"]).records
     model, tokenizer = load_model("smollm2")
-    folder = tempfile.mkdtemp(prefix="bench-baselines-")  # a fresh one: the anchor features are computed here
-    sqsd = {"danger": paths["danger_direction"], "safety": paths["safety_direction"],
-            "danger_anchor": paths["anchor_adapter"], "safety_anchor": paths["safety_adapter"]}
-    config = ScoreConfig(data=paths["pool"], method=methods if methods != ("forward-loss",) else ("loss",),
-                         harmful_anchors=paths["harmful"], safe_anchors=paths["safe"], max_length=args.max_length,
-                         batch_size=args.batch_size, output_dir=folder, **(sqsd if "sqsd" in methods else {}))
-    model, terms = load_terms(config, model, base_fp="bench")  # the demo's two adapters, when scoring SQSD
-    modules = block_linears(model)
-    setup, anchors, hidden = None, None, None
-    if any(m in ANCHORS or m in HIDDEN_ANCHORS for m in config.method):
-        start = time.perf_counter()
-        anchors, hidden = anchor_features(config, model, tokenizer, Path(folder), True, modules)
-        setup = time.perf_counter() - start
+    # a fresh folder: the anchor features are computed (and written, as the command does) there, then removed
+    with tempfile.TemporaryDirectory(prefix="bench-baselines-") as folder:
+        sqsd = {"danger": paths["danger_direction"], "safety": paths["safety_direction"],
+                "danger_anchor": paths["anchor_adapter"], "safety_anchor": paths["safety_adapter"]}
+        config = ScoreConfig(data=paths["pool"], method=scored,
+                             harmful_anchors=paths["harmful"], safe_anchors=paths["safe"], max_length=args.max_length,
+                             batch_size=args.batch_size, output_dir=folder, **(sqsd if "sqsd" in methods else {}))
+        model, terms = load_terms(config, model, base_fp="bench")  # the demo's two adapters, when scoring SQSD
+        modules = block_linears(model)
+        setup, anchors, hidden = None, None, None
+        if any(m in ANCHORS or m in HIDDEN_ANCHORS for m in config.method):
+            start = time.perf_counter()
+            anchors, hidden = anchor_features(config, model, tokenizer, Path(folder), True, modules)
+            setup = time.perf_counter() - start
 
-    def run(part):
-        if methods == ("forward-loss",):
-            return forward_loss(model, tokenizer, part, args.batch_size, args.max_length)
-        return score_records(model, tokenizer, part, danger=terms.get("danger"), safety=terms.get("safety"),
-                             max_length=args.max_length, batch_size=args.batch_size, methods=methods,
-                             modules=modules, anchors=anchors, hidden=hidden)
+        def run(part):
+            if forward_only:
+                return forward_loss(model, tokenizer, part, args.batch_size, args.max_length)
+            return score_records(model, tokenizer, part, danger=terms.get("danger"), safety=terms.get("safety"),
+                                 max_length=args.max_length, batch_size=args.batch_size, methods=methods,
+                                 modules=modules, anchors=anchors, hidden=hidden)
 
-    run(records[:args.batch_size])  # warm-up
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        rows = run(records)
-        times.append(time.perf_counter() - start)
+        run(records[:args.batch_size])  # warm-up
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            rows = run(records)
+            times.append(time.perf_counter() - start)
     ok = [r for r in rows if r["status"] == OK]
     counts = {m: sum(not isinstance(r.get(m), float) or not math.isfinite(r[m]) for r in ok)
-              for m in (methods if methods != ("forward-loss",) else ("loss",))}
+              for m in scored}
     return {"methods": list(methods), "samples": len(records), "ok": len(ok), "skipped": len(rows) - len(ok),
             "non_finite": counts, "setup_s": setup, "median_s": statistics.median(times), "times_s": times,
             "loss": [r.get("loss") for r in rows],
