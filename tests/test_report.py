@@ -291,3 +291,11 @@ def test_roc_points_step_through_tied_scores_together_and_integrate_to_the_auc()
     fpr, tpr = roc_points(scores, labels)
     assert fpr == [0.0, 0.0, 0.25, 0.5, 0.75, 1.0] and tpr == pytest.approx([0, 1 / 3, 2 / 3, 2 / 3, 1, 1])
     assert np.trapezoid(tpr, fpr) == pytest.approx(roc_auc(scores, labels))
+
+
+def test_a_folder_of_saved_results_may_hold_several_kinds(tmp_path):
+    write(tmp_path / "trajectory.jsonl", trajectory_rows())
+    write(tmp_path / "steering.jsonl", steering_rows())
+    html = page(tmp_path)
+    assert titles(html) == [f"Drift during fine-tuning ({tmp_path.name})", f"Steering ({tmp_path.name})"]
+    assert len(images(html)) == 3

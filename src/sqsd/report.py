@@ -1,7 +1,7 @@
 """`sqsd report RUN_DIR`: one self-contained page of what a run folder holds, that a person reads instead of JSON.
 
 The folder, and its subfolders a few levels down (the demo folder holds several runs), are searched for the
-kinds of run `sections.kind_of` knows; each found gets its section (`sections`, `report_experiment`), in the
+kinds of run `sections.kinds_of` knows; each found gets its section (`sections`, `report_experiment`), in the
 order experiment, scores, demo, drift, steering, evaluation. A run that owns its subfolders (an experiment's
 cells, a steering run's α folders, an evaluation's files, a score run's chunks) is one section, not many.
 
@@ -29,7 +29,7 @@ from sqsd.sections import (
     drift_section,
     evaluation_section,
     facts,
-    kind_of,
+    kinds_of,
     record,
     scores_section,
     steering_section,
@@ -45,9 +45,9 @@ REPORT_DIR = "report"
 
 def find_runs(folder: Path, depth: int = 0) -> list[tuple[str, Path]]:
     """(kind, folder) of every reportable run in `folder` and below, parents before their subfolders."""
-    kind = kind_of(folder)
-    found = [(kind, folder)] if kind else []
-    if kind in OWNERS or depth == DEPTH:
+    kinds = kinds_of(folder)
+    found = [(kind, folder) for kind in kinds]
+    if set(kinds) & set(OWNERS) or depth == DEPTH:
         return found
     for child in sorted(p for p in folder.iterdir() if p.is_dir() and p.name != REPORT_DIR
                         and not p.name.startswith(".")):
@@ -82,13 +82,15 @@ def build(run_dir: str | Path) -> dict:
                      "holds; each section below says how to read it.", str(root), lines, missing=missing)
     header.facts = [("folder", str(root)), ("report written", f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC "
                      f"by sqsd {__version__}"), *header.facts]
-    reported = {folder: kind for kind, folder in runs}
+    reported: dict[Path, list[str]] = {}
+    for kind, folder in runs:
+        reported.setdefault(folder, []).append(kind)
     inside = [f for f in _run_folders(root) if f != root]
     if inside:
         header.items.append(Table("Runs in this folder", "Every run folder found, whether its command finished, "
                                   "and the section that shows it.", ["folder", "finished", "section"],
                                   [[str(f.relative_to(root)), "yes" if "result" in record(f) else "no",
-                                    reported.get(f, "–")] for f in inside]))
+                                    ", ".join(reported.get(f, ["–"]))] for f in inside]))
     return {"header": header, "sections": sections}
 
 

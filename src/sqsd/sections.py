@@ -1,7 +1,7 @@
 """The sections of `sqsd report`: each reads one kind of run folder (files only, never a model) into a `Section` —
 figures and tables, each with a sentence on how to read it — that the templates render as HTML or Markdown.
 
-Kinds, each decided by what the folder holds (`kind_of`), so a folder from an older version or one still being
+Kinds, each decided by what the folder holds (`kinds_of`), so a folder from an older version or one still being
 written is recognised too:
     scores       scores.parquet / scores.jsonl, or only chunks/ (`sqsd score` not merged yet)
     drift        trajectory.jsonl, or a run.json of `sqsd train --track`
@@ -126,24 +126,26 @@ def facts(folder: Path) -> tuple[list[tuple[str, str]], list[str]]:
     return out, missing
 
 
-def kind_of(folder: Path) -> str | None:
-    """Which kind of run `folder` holds (see the module docstring), or None."""
+def kinds_of(folder: Path) -> list[str]:
+    """The kinds of run `folder` holds (see the module docstring): usually one; a folder of saved results may
+    hold the files of several (docs/results: a trajectory and a steering table)."""
     names = {p.name for p in folder.iterdir()}
     config = record(folder).get("config", {})
     if "results.json" in names or "protocols" in config:
-        return "experiment"
+        return ["experiment"]  # its scores, cells and evaluations are parts of it
+    found = []
     if names & {"scores.parquet", "scores.jsonl"} or (folder / "chunks").is_dir():
-        return "scores"
+        found.append("scores")
     if "trajectory.jsonl" in names or config.get("track"):
-        return "drift"
+        found.append("drift")
     if "steering.jsonl" in names or "alphas" in config:
-        return "steering"
+        found.append("steering")
     summary = read_json(folder / "summary.json") if "summary.json" in names else {}
     if "comparison_with_paper" in summary:
-        return "demo"
-    if "judges" in summary or ("judge" in config and "harmful" in config):
-        return "evaluation"
-    return None
+        found.append("demo")
+    if "judges" in summary or (not found and "judge" in config and "harmful" in config):
+        found.append("evaluation")
+    return found
 
 
 def _section(kind: str, title: str, how: str, folder: Path, root: Path) -> Section:
