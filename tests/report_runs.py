@@ -105,8 +105,8 @@ def evaluation_run(folder: Path) -> Path:
 
 
 def estimate(value: float, lo: float, hi: float) -> dict:
-    """An estimate as `sqsd experiment` writes it today (stats.Estimate as a dict)."""
-    return {"value": value, "lo": lo, "hi": hi, "level": 0.95}
+    """An estimate as `sqsd experiment` writes it (`stats.Estimate.to_dict`)."""
+    return {"value": value, "ci95": [lo, hi]}
 
 
 def experiment_run(folder: Path, finished: bool = True) -> Path:

@@ -20,7 +20,7 @@ from sqsd.config import ReportConfig
 from sqsd.errors import SqsdError
 from sqsd.figures import load_steering, load_trajectory, plot_steering, plot_trajectory
 from sqsd.report import report
-from sqsd.report_experiment import roc_points
+from sqsd.report_experiment import _estimate, roc_points
 from sqsd.stats import roc_auc
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -299,3 +299,10 @@ def test_a_folder_of_saved_results_may_hold_several_kinds(tmp_path):
     html = page(tmp_path)
     assert titles(html) == [f"Drift during fine-tuning ({tmp_path.name})", f"Steering ({tmp_path.name})"]
     assert len(images(html)) == 3
+
+
+def test_an_experiment_folder_is_its_own_section_and_estimates_read_in_either_form(tmp_path):
+    html = page(runs.experiment_run(tmp_path / "exp"))
+    assert titles(html) == ["Experiment (exp)"] and html.count("<dt>methods</dt>") == 1  # not repeated in the header
+    assert _estimate({"value": 0.5, "ci95": [0.25, 0.75]}) == _estimate({"value": 0.5, "lo": 0.25, "hi": 0.75,
+                                                                       "level": 0.95}) == (0.5, 0.25, 0.75)

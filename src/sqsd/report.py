@@ -77,14 +77,15 @@ def build(run_dir: str | Path) -> dict:
                         f"{DEPTH} levels of folders below it")
     order = list(BUILDERS)
     sections = [BUILDERS[kind](folder, root) for kind, folder in sorted(runs, key=lambda r: order.index(r[0]))]
-    lines, missing = facts(root)
-    header = Section("header", f"sqsd report: {root.resolve().name}", "What was run, on what, and what the folder "
-                     "holds; each section below says how to read it.", str(root), lines, missing=missing)
-    header.facts = [("folder", str(root)), ("report written", f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC "
-                     f"by sqsd {__version__}"), *header.facts]
     reported: dict[Path, list[str]] = {}
     for kind, folder in runs:
         reported.setdefault(folder, []).append(kind)
+    # the folder's own run.json, unless its section shows it
+    lines, missing = facts(root) if root not in reported else ([], [])
+    written = f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by sqsd {__version__}"
+    header = Section("header", f"sqsd report: {root.resolve().name}", "What was run, on what, and what the folder "
+                     "holds; each section below says how to read it.", str(root),
+                     [("folder", str(root)), ("report written", written), *lines], missing=missing)
     inside = [f for f in _run_folders(root) if f != root]
     if inside:
         header.items.append(Table("Runs in this folder", "Every run folder found, whether its command finished, "
