@@ -7,6 +7,7 @@ import json
 import re
 from html import unescape
 from html.parser import HTMLParser
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -306,3 +307,33 @@ def test_an_experiment_folder_is_its_own_section_and_estimates_read_in_either_fo
     assert titles(html) == ["Experiment (exp)"] and html.count("<dt>methods</dt>") == 1  # not repeated in the header
     assert _estimate({"value": 0.5, "ci95": [0.25, 0.75]}) == _estimate({"value": 0.5, "lo": 0.25, "hi": 0.75,
                                                                        "level": 0.95}) == (0.5, 0.25, 0.75)
+
+
+def test_the_demo_ends_on_the_report_of_its_folder(tmp_path, monkeypatch, capsys):
+    """Every model stage replaced by a stand-in that leaves its folder as the real one would; the summary, the
+    windows and the report are the real ones."""
+    import sqsd.align
+    import sqsd.assets
+    import sqsd.direction_tools
+    import sqsd.score
+    import sqsd.train
+    from sqsd.config import DemoConfig
+    from sqsd.pipeline import demo
+
+    def stage(name):
+        def run(config):
+            folder = tmp_path / "demo" / name if name else Path(config.output_dir)
+            runs.run_json(folder, {"model": "smollm2"}, {"steps": 1})
+            return folder
+        return run
+
+    monkeypatch.setattr(sqsd.assets, "fetch_cli", lambda config: 0)
+    monkeypatch.setattr(sqsd.align, "align", stage("align"))
+    monkeypatch.setattr(sqsd.direction_tools, "directions_data", stage(None))
+    monkeypatch.setattr(sqsd.direction_tools, "build", stage(None))
+    monkeypatch.setattr(sqsd.train, "train", stage(None))
+    monkeypatch.setattr(sqsd.score, "score", lambda c: runs.scores_run(Path(c.output_dir), c.data, 60) / "scores.parquet")
+    demo(DemoConfig(output_dir=str(tmp_path / "demo"), n_pool=60, n_windows=3, window_size=10))
+    page = tmp_path / "demo" / "report" / "index.html"
+    assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith(f"wrote {page} (")  # the demo's last line
+    assert titles(page.read_text()) == ["Scores (scores)", "Against the paper's ranking (scores-n60)"]
