@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from sqsd import figures
-from sqsd.sections import Image, Section, Table, _section, ci, num, read_json, record
+from sqsd.sections import Image, Section, Table, ci, new_section, num, read_json, record
 
 Estimate = tuple[float, float, float]
 
@@ -97,7 +97,7 @@ def _cell(entry: dict[str, Any] | None) -> str:
 
 
 def experiment_section(folder: Path, root: Path) -> Section:
-    s = _section("experiment", f"Experiment ({folder.name})", "Does fine-tuning on a method's riskiest subset "
+    s = new_section("experiment", f"Experiment ({folder.name})", "Does fine-tuning on a method's riskiest subset "
                  "(S1 / top) lose more safety than on its safest (Sk / bottom)? A good ranking separates them "
                  "widely; random should not.", folder, root)
     path = folder / "results.json"

@@ -148,7 +148,8 @@ def kinds_of(folder: Path) -> list[str]:
     return found
 
 
-def _section(kind: str, title: str, how: str, folder: Path, root: Path) -> Section:
+def new_section(kind: str, title: str, how: str, folder: Path, root: Path) -> Section:
+    """A section of `folder` (shown relative to `root`) with the facts of its run.json and what the run lacks."""
     lines, missing = facts(folder)
     return Section(kind, title, how, str(folder.relative_to(root)) or ".", lines, missing=missing)
 
@@ -178,7 +179,7 @@ def scores_section(folder: Path, root: Path) -> Section:
     text, and the whole pool as a sortable table when it is small."""
     from sqsd.score import read_scores
 
-    s = _section("scores", f"Scores ({folder.name})", "Higher = riskier: a sample whose induced update points "
+    s = new_section("scores", f"Scores ({folder.name})", "Higher = riskier: a sample whose induced update points "
                  "more along the danger direction than along the safety one.", folder, root)
     file = next((folder / f"scores.{ext}" for ext in ("parquet", "jsonl") if (folder / f"scores.{ext}").is_file()),
                 None)
@@ -242,7 +243,7 @@ def scores_section(folder: Path, root: Path) -> Section:
 
 def drift_section(folder: Path, root: Path) -> Section:
     """The trajectory figures (cosine-sum and projection) and the ASR at the evaluated steps."""
-    s = _section("drift", f"Drift during fine-tuning ({folder.name})", "Does the weight change move along the "
+    s = new_section("drift", f"Drift during fine-tuning ({folder.name})", "Does the weight change move along the "
                  "danger direction (up) and away from the safety one while the ASR rises?", folder, root)
     path = folder / "trajectory.jsonl"
     if not path.is_file():
@@ -266,7 +267,7 @@ def drift_section(folder: Path, root: Path) -> Section:
 
 
 def steering_section(folder: Path, root: Path) -> Section:
-    s = _section("steering", f"Steering ({folder.name})", "ASR of θ₀ + α·s·T: rising with α along the danger "
+    s = new_section("steering", f"Steering ({folder.name})", "ASR of θ₀ + α·s·T: rising with α along the danger "
                  "direction and falling along the safety one says the directions carry safety.", folder, root)
     path = folder / "steering.jsonl"
     if not path.is_file():
@@ -288,7 +289,7 @@ def steering_section(folder: Path, root: Path) -> Section:
 
 def evaluation_section(folder: Path, root: Path) -> Section:
     """ASR per judge with its CI, per category, over-refusal, and a few judged responses."""
-    s = _section("evaluation", f"Evaluation ({folder.name})", "ASR = share of harmful prompts answered unsafely "
+    s = new_section("evaluation", f"Evaluation ({folder.name})", "ASR = share of harmful prompts answered unsafely "
                  "(lower is safer); over-refusal = share of benign prompts refused.", folder, root)
     path = folder / "summary.json"
     if not path.is_file():
@@ -326,7 +327,7 @@ def demo_section(folder: Path, root: Path) -> Section:
     """`sqsd demo`'s summary.json: our ranking against the paper's, and the time of each stage."""
     from sqsd.pipeline import COMPARED
 
-    s = _section("demo", f"Against the paper's ranking ({folder.name})", "Spearman ρ with the paper's "
+    s = new_section("demo", f"Against the paper's ranking ({folder.name})", "Spearman ρ with the paper's "
                  "Danger-safe score and AUC at telling its S1 from its S5 window (0.5 = chance).", folder, root)
     summary = read_json(folder / "summary.json")
     cmp = summary["comparison_with_paper"]
