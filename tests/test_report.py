@@ -337,3 +337,13 @@ def test_the_demo_ends_on_the_report_of_its_folder(tmp_path, monkeypatch, capsys
     page = tmp_path / "demo" / "report" / "index.html"
     assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith(f"wrote {page} (")  # the demo's last line
     assert titles(page.read_text()) == ["Scores (scores)", "Against the paper's ranking (scores-n60)"]
+
+
+def test_texts_from_the_data_are_escaped_not_run(tmp_path):
+    data = runs.jsonl(tmp_path / "data.jsonl", [{"instruction": f"<script>alert({i})</script><img src=x>",
+                                                 "output": "</td></table>"} for i in range(5)])
+    runs.scores_run(tmp_path / "run", str(data), 5)
+    html = page(tmp_path / "run")
+    tags = Tags(html).tags
+    assert [tag for tag, _ in tags].count("script") == 1 and "&lt;script&gt;alert(4)&lt;/script&gt;" in html
+    assert sum(tag == "img" for tag, _ in tags) == len(images(html)) == 2 and "&lt;/td&gt;&lt;/table&gt;" in html
