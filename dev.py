@@ -1,7 +1,8 @@
 """One entry point for a fresh clone: set up a project-local environment, then run a job.
 
     python3 dev.py test        # install into .venv, then run the fast test suite
-    python3 dev.py test-slow   # the tests that need the real SmolLM2 asset (fetched first)
+    python3 dev.py test-slow   # the tests that need the real SmolLM2 asset (fetched first) or a headless browser
+                               # (Debian's chromium, installed with apt-get when absent and possible)
     python3 dev.py demo        # install, fetch the offline assets, run the main pipeline
 
 Only the Python standard library is used here, so this works before anything is installed. The install is
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -47,6 +49,24 @@ def setup() -> None:
     STAMP.write_text(want)
 
 
+def ensure_browser() -> None:
+    """Install Debian's chromium for the report's browser test when no headless browser is on PATH and apt-get
+    can (as root, or through sudo); otherwise say so, and that test skips."""
+    if any(shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")):
+        return
+    sudo = [] if os.name == "posix" and os.geteuid() == 0 else ["sudo", "-n"]
+    if not shutil.which("apt-get") or (sudo and not shutil.which("sudo")):
+        print("no headless browser and no apt-get (as root or via sudo): the report's browser test will skip")
+        return
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in ([*sudo, "apt-get", "update", "-q"], [*sudo, "apt-get", "install", "-y", "-q", "--no-install-recommends",
+                                                     "chromium"]):
+        print("+", " ".join(cmd), flush=True)
+        if subprocess.run(cmd, env=env).returncode != 0:
+            print("could not install chromium: the report's browser test will skip")
+            return
+
+
 def main(argv: list[str]) -> int:
     jobs = {
         "test": [[PY, "-m", "pytest", "-n", "2", "-q", *argv[1:]]],
@@ -64,6 +84,8 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 2
     setup()
+    if argv[0] == "test-slow":
+        ensure_browser()
     for cmd in jobs[argv[0]]:
         code = subprocess.run([str(c) for c in cmd], cwd=ROOT).returncode
         if code != 0:

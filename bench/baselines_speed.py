@@ -13,10 +13,9 @@ its aligned copy: the same architecture and shapes).
 
 Phases, each in its own process (so its peak resident memory is its own):
 - sqsd:     danger at the danger anchor and safety at the safety adapter (scaling 1.0), as the demo scores;
-- gradient: the methods at θ₀ (`baselines.AT_THETA0`) in one call: they share one backward per batch;
-- hidden:   every other method of METHODS but the controls (random, length): forward passes only;
-- with --each, every method alone, and `forward-loss`: the response-only loss of the same batches by a forward
-  alone (no backward), the floor of `--method loss`.
+- gradient: `loss` and the gradient methods (`baselines.GRADIENT_METHODS`) in one call: one backward per batch;
+- hidden:   the hidden-state methods (`representations.HIDDEN_METHODS`) in one call: one forward per batch;
+- with --each, every method alone (`loss` alone is a forward only).
 A timed pass is one `score.score_records` call over all samples: rendering and tokenising, the passes, the
 rows. Not in it: loading the model and adapters, and the anchor features (`baselines.anchor_features`: the mean
 anchor gradients / hidden states), computed once per run and timed on their own ("setup"). Times are medians
@@ -38,17 +37,15 @@ import tempfile
 import time
 from pathlib import Path
 
-CONTROLS = ("sqsd", "random", "length")
 ADAPTERS = {"danger": 1, "safety": 2, "anchor": 3}  # adapter folder -> seed
 
 
 def groups() -> dict[str, tuple[str, ...]]:
     """{phase: methods}: SQSD, the gradient baselines, the hidden-state baselines (whatever METHODS holds)."""
-    from sqsd.baselines import AT_THETA0
-    from sqsd.options import METHODS
+    from sqsd.baselines import GRADIENT_METHODS
+    from sqsd.representations import HIDDEN_METHODS
 
-    return {"sqsd": ("sqsd",), "gradient": tuple(m for m in METHODS if m in AT_THETA0),
-            "hidden": tuple(m for m in METHODS if m not in CONTROLS and m not in AT_THETA0)}
+    return {"sqsd": ("sqsd",), "gradient": ("loss", *GRADIENT_METHODS), "hidden": HIDDEN_METHODS}
 
 
 def prepare(args: argparse.Namespace) -> dict[str, str]:
@@ -106,38 +103,35 @@ def phase(args: argparse.Namespace) -> dict:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from sqsd.baselines import ANCHORS, HIDDEN_ANCHORS, anchor_features, block_linears
+    from sqsd.baselines import ANCHORS, anchor_features, block_linears
     from sqsd.config import ScoreConfig
     from sqsd.data import load_records
     from sqsd.model import load_model
+    from sqsd.representations import HIDDEN_METHODS
     from sqsd.score import OK, score_records
     from sqsd.terms import load_terms
 
     hf_logging.set_verbosity_error()
     paths = json.loads(args.paths)
     methods = tuple(args.methods)
-    forward_only = methods == ("forward-loss",)
-    scored = ("loss",) if forward_only else methods  # the columns checked for None / non-finite values
     records = load_records(paths["pool"]).records
     model, tokenizer = load_model("smollm2")
     # a fresh folder: the anchor features are computed (and written, as the command does) there, then removed
     with tempfile.TemporaryDirectory(prefix="bench-baselines-") as folder:
         sqsd = {"danger": paths["danger_direction"], "safety": paths["safety_direction"],
                 "danger_anchor": paths["anchor_adapter"], "safety_anchor": paths["safety_adapter"]}
-        config = ScoreConfig(data=paths["pool"], method=scored,
+        config = ScoreConfig(data=paths["pool"], method=methods,
                              harmful_anchors=paths["harmful"], safe_anchors=paths["safe"], max_length=args.max_length,
                              batch_size=args.batch_size, output_dir=folder, **(sqsd if "sqsd" in methods else {}))
         model, terms = load_terms(config, model, base_fp="bench")  # the demo's two adapters, when scoring SQSD
         modules = block_linears(model)
         setup, anchors, hidden = None, None, None
-        if any(m in ANCHORS or m in HIDDEN_ANCHORS for m in config.method):
+        if any(m in ANCHORS or m in HIDDEN_METHODS for m in config.method):
             start = time.perf_counter()
-            anchors, hidden = anchor_features(config, model, tokenizer, Path(folder), True, modules)
+            anchors, hidden = anchor_features(config, model, tokenizer, Path(folder), True, modules, records)
             setup = time.perf_counter() - start
 
         def run(part):
-            if forward_only:
-                return forward_loss(model, tokenizer, part, args.batch_size, args.max_length)
             return score_records(model, tokenizer, part, danger=terms.get("danger"), safety=terms.get("safety"),
                                  max_length=args.max_length, batch_size=args.batch_size, methods=methods,
                                  modules=modules, anchors=anchors, hidden=hidden)
@@ -150,35 +144,11 @@ def phase(args: argparse.Namespace) -> dict:
             times.append(time.perf_counter() - start)
     ok = [r for r in rows if r["status"] == OK]
     counts = {m: sum(not isinstance(r.get(m), float) or not math.isfinite(r[m]) for r in ok)
-              for m in scored}
+              for m in methods}
     return {"methods": list(methods), "samples": len(records), "ok": len(ok), "skipped": len(rows) - len(ok),
             "non_finite": counts, "setup_s": setup, "median_s": statistics.median(times), "times_s": times,
-            "loss": [r.get("loss") for r in rows],
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "threads": torch.get_num_threads()}
-
-
-def forward_loss(model, tokenizer, records, batch_size: int, max_length: int) -> list[dict]:
-    """The `loss` column by a forward alone: the scorer's response-only loss (`projection._batch_loss`) under
-    no_grad, over the same length-bucketed batches, rendering included."""
-    import torch
-
-    from sqsd.projection import _batch_loss
-    from sqsd.render import Collator, Skip, encode_record
-
-    encoded = [encode_record(r, tokenizer, None, max_length) for r in records]
-    rows = [{"status": "skipped", "n_response_tokens": None, "loss": None} for _ in records]
-    order = sorted((i for i, e in enumerate(encoded) if not isinstance(e, Skip)),
-                   key=lambda i: len(encoded[i].input_ids))
-    collate = Collator(tokenizer.pad_token_id)
-    with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            batch = collate([{"input_ids": encoded[i].input_ids, "labels": encoded[i].labels} for i in idx])
-            loss, _ = _batch_loss(model, batch, torch.float32)
-            for b, i in enumerate(idx):
-                rows[i] = {"status": "ok", "n_response_tokens": encoded[i].n_response_tokens, "loss": float(loss[b])}
-    return rows
 
 
 def child(name: str, methods: tuple[str, ...], args: argparse.Namespace, paths: dict[str, str]) -> dict | None:
@@ -207,7 +177,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=demo.batch_size)
     parser.add_argument("--max-length", type=int, default=demo.max_length)
     parser.add_argument("--repeats", type=int, default=1, help="timed passes per phase (the median is reported)")
-    parser.add_argument("--each", action="store_true", help="also every method alone, and a forward-only loss")
+    parser.add_argument("--each", action="store_true", help="also every method alone")
     parser.add_argument("--n-prompts", type=int, help="anchor prompts (default: `sqsd directions data`'s)")
     parser.add_argument("--work", default="runs/bench-baselines", help="folder for the cached inputs")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
@@ -230,7 +200,7 @@ def main() -> None:
     if args.each:
         from sqsd.options import METHODS
 
-        phases |= {f"alone:{m}": (m,) for m in METHODS if m != "sqsd"} | {"forward-loss": ("forward-loss",)}
+        phases |= {f"alone:{m}": (m,) for m in METHODS if m != "sqsd"}
     results = {name: child(name, methods, args, paths) for name, methods in phases.items()}
     base = results["sqsd"]
     if base is None:
@@ -241,11 +211,6 @@ def main() -> None:
             ratio = results[name]["median_s"] / base["median_s"]
             print(f"{name:8s} / sqsd = {ratio:.2f}x   (target <= {target})"
                   + ("" if ratio <= target else "   ABOVE TARGET"))
-    if args.each and results.get("alone:loss") and results.get("forward-loss"):
-        a, f = results["alone:loss"], results["forward-loss"]
-        diff = max(abs(x - y) for x, y in zip(a["loss"], f["loss"]) if x is not None and y is not None)
-        print(f"loss alone / forward-only loss = {a['median_s'] / f['median_s']:.2f}x   (same losses: max |diff| "
-              f"{diff:.1e})")
     print(f"\n{'phase':22s} {'method':18s} {'ok':>5} {'skipped':>7} {'non-finite or None (ok rows)':>28}")
     for name, r in results.items():
         for method, bad in (r or {}).get("non_finite", {}).items():

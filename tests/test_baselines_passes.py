@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sqsd import baselines, render
+from sqsd import baselines, projection, render, representations
 from sqsd.data import Record
 from sqsd.render import encode_record
 from tiny import tiny_model, tiny_model_folder, tiny_tokenizer
@@ -90,14 +90,14 @@ def test_anchor_gradient_equals_plain_autograd_for_any_batch_size_padding_side_a
         for batch_size in BATCH_SIZES:
             _assert_gradient(_gradient(model, tok, encoded, batch_size), expected, batch_size)
     # left-padded batches: the loss takes the positions from the attention mask, so nothing changes
-    monkeypatch.setattr(baselines, "Collator", functools.partial(render.Collator, padding_side="left"))
-    batch = baselines.Collator(tok.pad_token_id)([{"input_ids": e.input_ids, "labels": e.labels} for e in right])
+    monkeypatch.setattr(projection, "Collator", functools.partial(render.Collator, padding_side="left"))
+    batch = projection.Collator(tok.pad_token_id)([{"input_ids": e.input_ids, "labels": e.labels} for e in right])
     assert batch["attention_mask"][:, -1].all() and not batch["attention_mask"][:, 0].all()  # pads on the left
     _assert_gradient(_gradient(model, tok, right, 3), expected, 3)
     assert all(p.requires_grad and p.grad is None for p in model.parameters())  # the model is left as it was
 
 
-def test_last_hidden_equals_a_plain_forward_for_any_batch_size_padding_side_and_order(tiny):
+def test_final_hidden_states_equal_a_plain_forward_for_any_batch_size_padding_side_and_order(tiny):
     model, tok = tiny
     right, left = _encode(tok, "right"), _encode(tok, "left")
     expected = _literal_hidden(model, right)
@@ -105,10 +105,10 @@ def test_last_hidden_equals_a_plain_forward_for_any_batch_size_padding_side_and_
     assert torch.cdist(expected, expected).add(torch.eye(len(ANCHORS))).min() > 1e-3  # no two rows alike
     for encoded in (right, left):
         for batch_size in BATCH_SIZES:
-            got = baselines.last_hidden(model, encoded, tok.pad_token_id, batch_size)
+            got = representations.states(model, encoded, tok.pad_token_id, batch_size)["final"]
             assert torch.allclose(got, expected, rtol=1e-10, atol=1e-13), batch_size
     order = [4, 0, 6, 2, 5, 1, 3]
-    got = baselines.last_hidden(model, [right[i] for i in order], tok.pad_token_id, 3)
+    got = representations.states(model, [right[i] for i in order], tok.pad_token_id, 3)["final"]
     assert torch.allclose(got, expected[order], rtol=1e-10, atol=1e-13)  # rows come back in input order
 
 
@@ -127,13 +127,13 @@ def _jsonl(path, pairs):
     return path
 
 
-def test_torchrun_two_processes_write_the_same_anchored_file_as_one(tmp_path):
+def test_torchrun_two_processes_write_the_same_anchored_file_as_one(tmp_path):  # every anchored method
     model = tiny_model_folder(tmp_path / "model")
     data = _jsonl(tmp_path / "data.jsonl", [(f"Question {i}?", a) for i, a in enumerate(ANSWERS)])
     harmful = _jsonl(tmp_path / "harmful.jsonl", HARMFUL)
     safe = _jsonl(tmp_path / "safe.jsonl", [(p, r) for (p, _), r in zip(HARMFUL, REFUSALS, strict=True)])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    methods = ["gradsim", "safety-influence", "repsim"]
+    methods = ["gradsim", "safety-influence", "repsim", "larf", "datashield"]
     args = ["-m", "sqsd", "score", str(data), "--model", str(model), "--method", *methods, "--harmful-anchors",
             str(harmful), "--safe-anchors", str(safe), "--batch-size", "2", "--chunk-size", "2"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

@@ -4,7 +4,7 @@ import typing
 
 import pytest
 
-from sqsd import config, options, projection
+from sqsd import config, figures, options, projection
 from sqsd.cli import COMMANDS, build_parser
 from sqsd.errors import SqsdError
 
@@ -14,7 +14,8 @@ DIFFERENT_FLAGS_SAME_NAME = {
     "model": "model info takes it as positional; data inspect (a tokenizer) and directions import (a fingerprint) "
              "take an optional one",
     "kind": "directions import also accepts the generic kind `direction`",
-    "output": "generate and directions import write a file; the reports an optional PNG",
+    "output": "generate and directions import write a file; report an optional page",
+    "format": "a dataset's record format; report's page format (html or md)",
     "harmful": "align trains on several harmful sources; evaluation uses one held-out set",
     "benign": "align trains on benign pairs (always); evaluation may skip them ('')",
     "data": "filter re-reads the scored dataset, by default the one its scores record",
@@ -96,7 +97,7 @@ def test_one_list_of_metric_names_and_of_formats():
     assert projection.METRICS is options.METRICS  # the maths uses the one list
     assert typing.get_args(options.Format) == options.DATA_FORMATS
     assert typing.get_type_hints(config.ScoreConfig)["metric"] == options.Metric
-    assert typing.get_type_hints(config.ReportTrajectoryConfig)["metric"] == options.Metric
+    assert tuple(figures.METRIC_LABELS) == options.METRICS  # the drift figure labels every metric
 
 
 def test_directions_build_shows_only_the_flags_that_apply(capsys):

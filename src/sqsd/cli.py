@@ -54,10 +54,8 @@ COMMANDS: dict[tuple[str, ...], tuple[type, str, str]] = {
                       "does a ranking predict safety loss? fine-tune on subsets of each method's ranking, evaluate, "
                       "compare (YAML config)"),
     ("steer",): (config.SteerConfig, "sqsd.steer:steer_cli", "ASR of base + alpha * direction for a grid of alpha"),
-    ("report", "trajectory"): (config.ReportTrajectoryConfig, "sqsd.report:report_trajectory_cli",
-                               "plot a trajectory.jsonl (drift along directions, ASR at steps)"),
-    ("report", "steering"): (config.ReportSteeringConfig, "sqsd.report:report_steering_cli",
-                             "plot a steering.jsonl (ASR vs alpha per direction)"),
+    ("report",): (config.ReportConfig, "sqsd.report:report_cli", "one self-contained HTML page (or Markdown) of "
+                  "a run folder: scores, experiment, drift, steering, evaluation"),
 }
 
 

@@ -28,7 +28,6 @@ from sqsd.options import (
     LoraArgs,
     MaxLengthArgs,
     MethodArgs,
-    MetricArgs,
     ModelArgs,
     NewTokensArgs,
     OptimArgs,
@@ -262,15 +261,10 @@ class SteerConfig(ModelArgs, EvalArgs, OutputDirArgs, OverwriteArgs):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ReportTrajectoryConfig(ReportArgs, MetricArgs):
-    """`sqsd report trajectory`: plot a trajectory.jsonl (`sqsd train --track`): the projection of the weight
-    change on each tracked direction (--metric) against the step, with the ASR where it was measured."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class ReportSteeringConfig(ReportArgs):
-    """`sqsd report steering`: plot a steering.jsonl (`sqsd steer`): ASR against α per direction, with 95% CIs
-    and the over-refusal rate dashed."""
+class ReportConfig(ReportArgs):
+    """`sqsd report RUN_DIR`: one self-contained HTML page (RUN_DIR/report/index.html) of what the folder holds —
+    scores, an experiment, drift, steering, evaluations, or the demo's runs — with figures, tables and a line on
+    how to read each; `--format md` writes the tables as Markdown."""
 
 
 @dataclass(frozen=True, kw_only=True)

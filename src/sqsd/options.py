@@ -358,8 +358,11 @@ class MetricArgs(Config):
 
 @dataclass(frozen=True, kw_only=True)
 class ReportArgs(Config):
-    file: str = arg(help="the .jsonl to plot", positional=True)
-    output: str | None = arg(None, help="PNG to write (default: FILE with .png)")
+    run_dir: str = arg(help="a run folder of any sqsd command (score, experiment, train --track, steer, evaluate) "
+                            "or a folder holding several, like the demo's", positional=True)
+    output: str | None = arg(None, help="the page to write (default: RUN_DIR/report/index.html, or index.md)")
+    format: Literal["html", "md"] = arg("html", help="html: one self-contained page with figures; md: the same "
+                                                     "tables as Markdown")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -3,7 +3,8 @@
 fetch assets → align SmolLM2 (`align/model`) → danger and safety data and directions (`directions/`) → a benign
 anchor adapter on AlpacaEval's `@directions` split (`anchor/`, disjoint from the scored pool) → score a seeded
 sample of the `dolly-sqsd` pool (`scores-nN/`) → the 20 riskiest and 20 safest samples, S1..Sk windows, and how
-our ranking compares with the paper's own scores (`scores-nN/summary.json`).
+our ranking compares with the paper's own scores (`scores-nN/summary.json`) → the report page of the
+whole folder (`report/index.html`, `sqsd report`), whose path it prints.
 
 Every stage is a library call with its own config and run folder (`runs.open_run`), so a rerun skips what is done
 and a changed setting is refused by the stage it concerns (pass `--overwrite` to that stage's own command to redo
@@ -27,6 +28,7 @@ from sqsd.config import (
     DirectionsBuildConfig,
     DirectionsDataConfig,
     FilterConfig,
+    ReportConfig,
     ScoreConfig,
     TrainConfig,
 )
@@ -143,6 +145,9 @@ def demo(config: DemoConfig) -> dict[str, Any]:
     summary["seconds_this_run"] = {k: round(v, 1) for k, v in timings.items()}
     on_main(lambda: write_json_atomic(out / "summary.json", summary))
     on_main(lambda: _print_summary(summary))
+    from sqsd.report import report  # last: the page of everything the run folder holds
+
+    on_main(lambda: report(ReportConfig(run_dir=str(run))))
     return summary
 
 

@@ -1,181 +1,124 @@
-"""Figures from saved results (matplotlib, PNG). Every function reads files only, never a model.
+"""`sqsd report RUN_DIR`: one self-contained page of what a run folder holds, that a person reads instead of JSON.
 
-- `plot_trajectory(trajectory.jsonl, out.png)`: the projection of the cumulative weight change on each tracked
-  direction against the training step, with the ASR (and its 95% CI) where it was measured on a second axis —
-  the paper's Figure 2 (`sqsd train --track`).
-- `plot_steering(steering.jsonl, out.png)`: ASR against the steering coefficient α per direction with 95% CI
-  error bars, over-refusal dashed — the paper's Figure 5 (`sqsd steer`).
+The folder, and its subfolders a few levels down (the demo folder holds several runs), are searched for the
+kinds of run `sections.kinds_of` knows; each found gets its section (`sections`, `report_experiment`), in the
+order experiment, scores, demo, drift, steering, evaluation. A run that owns its subfolders (an experiment's
+cells, a steering run's α folders, an evaluation's files, a score run's chunks) is one section, not many.
 
-A malformed input line is an SqsdError naming the file, the line and the field.
+Output: RUN_DIR/report/index.html (or --output), rendered from the jinja2 templates of `sqsd/templates/`:
+figures as base64 PNGs, CSS and a few lines of script (sort and filter the full table) inline, nothing fetched,
+so the file opens from disk anywhere. `--format md` writes the same tables as Markdown (index.md), without the
+figures and the full table, for CI logs and pull requests.
 """
 
 from __future__ import annotations
 
-import json
-import math
+from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
-from sqsd.config import ReportSteeringConfig, ReportTrajectoryConfig
+from sqsd import __version__
+from sqsd.config import ReportConfig
 from sqsd.errors import SqsdError
+from sqsd.report_experiment import experiment_section
+from sqsd.runs import RUN_FILE, output_file
+from sqsd.sections import (
+    Section,
+    Table,
+    demo_section,
+    drift_section,
+    evaluation_section,
+    facts,
+    kinds_of,
+    record,
+    scores_section,
+    steering_section,
+)
 
-METRIC_LABELS = {"cosine-sum": "Σ_m cos(ΔW_m, T_m)", "projection": "⟨ΔW, T⟩ / ‖T‖", "cosine": "cos(ΔW, T)"}
-
-
-def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, object) for every non-blank line; a line that is not a JSON object is an error."""
-    path = Path(path)
-    if not path.is_file():
-        raise SqsdError(f"{path} does not exist")
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise SqsdError(f"{path}:{number}: not valid JSON ({e})") from e
-        if not isinstance(row, dict):
-            raise SqsdError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-        rows.append((number, row))
-    if not rows:
-        raise SqsdError(f"{path} is empty")
-    return rows
+BUILDERS: dict[str, Callable[[Path, Path], Section]] = {
+    "experiment": experiment_section, "scores": scores_section, "demo": demo_section, "drift": drift_section,
+    "steering": steering_section, "evaluation": evaluation_section}
+OWNERS = ("experiment", "scores", "steering", "evaluation")  # kinds whose subfolders are parts of them
+DEPTH = 3  # how far below RUN_DIR runs are looked for (the demo's scores: scores-nN/scores)
+REPORT_DIR = "report"
 
 
-def _number(path: Path, number: int, row: dict[str, Any], key: str, optional: bool = False) -> float | None:
-    value = row.get(key)
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        what = "missing" if key not in row else f"not a number ({value!r})"
-        raise SqsdError(f"{path}:{number}: field '{key}': {what}")
-    return float(value)
+def find_runs(folder: Path, depth: int = 0) -> list[tuple[str, Path]]:
+    """(kind, folder) of every reportable run in `folder` and below, parents before their subfolders."""
+    kinds = kinds_of(folder)
+    found = [(kind, folder) for kind in kinds]
+    if set(kinds) & set(OWNERS) or depth == DEPTH:
+        return found
+    for child in sorted(p for p in folder.iterdir() if p.is_dir() and p.name != REPORT_DIR
+                        and not p.name.startswith(".")):
+        found += find_runs(child, depth + 1)
+    return found
 
 
-def _ci(path: Path, number: int, row: dict[str, Any], key: str) -> tuple[float, float] | None:
-    value = row.get(key)
-    if value is None:
-        return None
-    if (not isinstance(value, list) or len(value) != 2
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
-        raise SqsdError(f"{path}:{number}: field '{key}': expected [low, high], got {value!r}")
-    return float(value[0]), float(value[1])
+def _run_folders(folder: Path, depth: int = 0) -> list[Path]:
+    """Every folder with a run.json up to DEPTH below `folder` (not inside one that has one)."""
+    if (folder / RUN_FILE).is_file():
+        return [folder]
+    if depth == DEPTH:
+        return []
+    return [f for child in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+            for f in _run_folders(child, depth + 1)]
 
 
-def _figure(width: float = 7.0, height: float = 4.2):
-    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+def build(run_dir: str | Path) -> dict:
+    """What the templates render: the header and the sections of `run_dir`."""
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise SqsdError(f"{root}: not a folder; give a run folder (the --output-dir of an sqsd command)")
+    runs = find_runs(root)
+    if not runs:
+        raise SqsdError(f"{root} holds nothing sqsd report can show: no scores file, results.json, "
+                        "trajectory.jsonl, steering.jsonl, evaluation or demo summary.json in it or the "
+                        f"{DEPTH} levels of folders below it")
+    order = list(BUILDERS)
+    sections = [BUILDERS[kind](folder, root) for kind, folder in sorted(runs, key=lambda r: order.index(r[0]))]
+    reported: dict[Path, list[str]] = {}
+    for kind, folder in runs:
+        reported.setdefault(folder, []).append(kind)
+    # the folder's own run.json, unless its section shows it
+    lines, missing = facts(root) if root not in reported else ([], [])
+    written = f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by sqsd {__version__}"
+    header = Section("header", f"sqsd report: {root.resolve().name}", "What was run, on what, and what the folder "
+                     "holds; each section below says how to read it.", str(root),
+                     [("folder", str(root)), ("report written", written), *lines], missing=missing)
+    inside = [f for f in _run_folders(root) if f != root]
+    if inside:
+        header.items.append(Table("Runs in this folder", "Every run folder found, whether its command finished, "
+                                  "and the section that shows it.", ["folder", "finished", "section"],
+                                  [[str(f.relative_to(root)), "yes" if "result" in record(f) else "no",
+                                    ", ".join(reported.get(f, ["–"]))] for f in inside]))
+    return {"header": header, "sections": sections}
 
-    fig = Figure(figsize=(width, height), dpi=120)
-    return fig, fig.subplots()
+
+def render(page: dict, fmt: str) -> str:
+    """The page as HTML or Markdown, from the package's templates."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("sqsd", "templates"),
+                             autoescape=jinja2.select_autoescape(["html.j2"]), trim_blocks=True, lstrip_blocks=True,
+                             undefined=jinja2.StrictUndefined)
+    env.filters["md"] = lambda text: str(text).replace("|", "\\|").replace("\n", " ")
+    return env.get_template(f"report.{fmt}.j2").render(**page)
 
 
-def _save(fig: Any, output: str | Path) -> Path:
-    from sqsd.runs import output_file
-
-    output = output_file(Path(output), "--output")
-    fig.tight_layout()
-    fig.savefig(output, format="png")
+def report(config: ReportConfig) -> Path:
+    """Write the report of `config.run_dir` (see the module docstring); returns its path."""
+    page = build(config.run_dir)
+    output = Path(config.output or Path(config.run_dir) / REPORT_DIR / f"index.{config.format}")
+    output = output_file(output, "--output")
+    tmp = output.with_name(output.name + ".tmp")
+    tmp.write_text(render(page, config.format), encoding="utf-8")
+    tmp.replace(output)
+    kinds = ", ".join(f"{s.kind} ({s.folder})" for s in page["sections"])
+    print(f"wrote {output} ({output.stat().st_size / 1024:.0f} KiB): {kinds}")
     return output
 
 
-def load_trajectory(path: str | Path, metric: str = "cosine-sum") -> dict[str, Any]:
-    """{"steps": {direction: [(step, value)]}, "asr": [(step, asr, (lo, hi) | None)]} from a trajectory.jsonl."""
-    if metric not in METRIC_LABELS:
-        raise SqsdError(f"unknown metric {metric!r}; choose one of {', '.join(METRIC_LABELS)}")
-    path = Path(path)
-    series: dict[str, list[tuple[float, float]]] = {}
-    asr: list[tuple[float, float, tuple[float, float] | None]] = []
-    for number, row in read_jsonl(path):
-        step = _number(path, number, row, "step")
-        for key, value in row.items():
-            if isinstance(value, dict):
-                series.setdefault(key, []).append((step, _number(path, number, value, metric)))
-        if "asr" in row:
-            asr.append((step, _number(path, number, row, "asr"), _ci(path, number, row, "asr_ci")))
-    if not series:
-        raise SqsdError(f"{path}: no tracked direction in any line (expected fields like "
-                        f'"danger": {{"{metric}": ...}})')
-    return {"series": series, "asr": asr}
-
-
-def plot_trajectory(path: str | Path, output: str | Path, metric: str = "cosine-sum") -> Path:
-    """Projection on each tracked direction vs step; ASR on the right axis where measured."""
-    data = load_trajectory(path, metric)
-    fig, ax = _figure()
-    for name, points in data["series"].items():
-        steps, values = zip(*sorted(points))
-        ax.plot(steps, values, marker="." if len(steps) < 60 else None, label=name)
-    ax.axhline(0.0, color="0.7", linewidth=0.8)
-    ax.set_xlabel("training step")
-    ax.set_ylabel(f"{metric}: {METRIC_LABELS[metric]}")
-    handles, labels = ax.get_legend_handles_labels()
-    if data["asr"]:
-        right = ax.twinx()
-        points = sorted(data["asr"], key=lambda p: p[0])
-        steps = [p[0] for p in points]
-        values = [p[1] for p in points]
-        low = [p[1] - p[2][0] if p[2] else 0.0 for p in points]
-        high = [p[2][1] - p[1] if p[2] else 0.0 for p in points]
-        right.errorbar(steps, values, yerr=[low, high], color="black", marker="s", linestyle=":", capsize=3,
-                       label="ASR (95% CI)")
-        right.set_ylabel("attack success rate")
-        right.set_ylim(-0.02, 1.02)
-        more = right.get_legend_handles_labels()
-        handles, labels = handles + more[0], labels + more[1]
-    ax.legend(handles, labels, loc="best", fontsize="small")
-    ax.set_title(f"Drift along the directions ({Path(path).name})", fontsize="medium")
-    return _save(fig, output)
-
-
-def load_steering(path: str | Path) -> dict[str, list[dict[str, Any]]]:
-    """{direction: rows sorted by alpha} from a steering.jsonl, each row checked."""
-    path = Path(path)
-    out: dict[str, list[dict[str, Any]]] = {}
-    for number, row in read_jsonl(path):
-        name = row.get("direction")
-        if not isinstance(name, str) or not name:
-            raise SqsdError(f"{path}:{number}: field 'direction': expected a name, got {name!r}")
-        point = {"alpha": _number(path, number, row, "alpha"), "asr": _number(path, number, row, "asr"),
-                 "ci_low": _number(path, number, row, "ci_low", optional=True),
-                 "ci_high": _number(path, number, row, "ci_high", optional=True),
-                 "over_refusal": _number(path, number, row, "over_refusal", optional=True)}
-        out.setdefault(name, []).append(point)
-    return {name: sorted(rows, key=lambda r: r["alpha"]) for name, rows in out.items()}
-
-
-def plot_steering(path: str | Path, output: str | Path) -> Path:
-    """ASR vs α per direction with 95% CI error bars; over-refusal (where measured) dashed in the same colour."""
-    data = load_steering(path)
-    fig, ax = _figure()
-    for name, rows in data.items():
-        alphas = [r["alpha"] for r in rows]
-        asr = [r["asr"] for r in rows]
-        low = [r["asr"] - r["ci_low"] if r["ci_low"] is not None and not math.isnan(r["ci_low"]) else 0.0
-               for r in rows]
-        high = [r["ci_high"] - r["asr"] if r["ci_high"] is not None and not math.isnan(r["ci_high"]) else 0.0
-                for r in rows]
-        line = ax.errorbar(alphas, asr, yerr=[low, high], marker="o", capsize=3, label=f"{name}: ASR")
-        refusal = [(r["alpha"], r["over_refusal"]) for r in rows if r["over_refusal"] is not None]
-        if refusal:
-            ax.plot(*zip(*refusal), linestyle="--", marker="x", color=line.lines[0].get_color(),
-                    label=f"{name}: over-refusal")
-    ax.axvline(0.0, color="0.7", linewidth=0.8)
-    ax.set_xlabel("steering coefficient α  (θ₀ + α·s·T)")
-    ax.set_ylabel("rate")
-    ax.set_ylim(-0.02, 1.02)
-    ax.legend(loc="best", fontsize="small")
-    ax.set_title(f"Safety along the directions ({Path(path).name})", fontsize="medium")
-    return _save(fig, output)
-
-
-def report_trajectory_cli(config: ReportTrajectoryConfig) -> int:
-    out = plot_trajectory(config.file, config.output or Path(config.file).with_suffix(".png"), config.metric)
-    print(f"wrote {out}")
-    return 0
-
-
-def report_steering_cli(config: ReportSteeringConfig) -> int:
-    out = plot_steering(config.file, config.output or Path(config.file).with_suffix(".png"))
-    print(f"wrote {out}")
+def report_cli(config: ReportConfig) -> int:
+    report(config)
     return 0

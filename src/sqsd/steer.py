@@ -12,7 +12,7 @@ Output folder:
                                   run.json also records the direction file, α and scaling; reruns reuse it
     steering.jsonl, steering.csv  one row per (direction, α): direction, kind, alpha, scaling, asr, ci_low,
                                   ci_high, over_refusal, n
-    steering.png                  ASR vs α per direction (`report.plot_steering`)
+    steering.png                  ASR vs α per direction (`figures.plot_steering`)
 
 The model is loaded once, and only if some generation is missing. Steering never subtracts: the touched
 weights are copied (to CPU) before the first change and copied back after each α, so the model returns to θ₀
@@ -139,7 +139,7 @@ def _steer(config: SteerConfig) -> list[dict[str, Any]]:
                 rows.append(_row(name, direction, alpha, s, summary, config.judge))
                 _write_table(out, rows)
         _print_table(rows)
-        from sqsd.report import plot_steering
+        from sqsd.figures import plot_steering
 
         png = plot_steering(out / f"{TABLE}.jsonl", out / f"{TABLE}.png")
         run.finish({"rows": len(rows), "table": f"{TABLE}.jsonl"})

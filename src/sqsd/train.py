@@ -341,7 +341,7 @@ def _train(config: TrainConfig, state: PartialState, loaded: Any, run: Any, resu
     if state.is_main_process:
         if config.track:
             from sqsd.drift import TRAJECTORY_FILE, TRAJECTORY_PLOT
-            from sqsd.report import plot_trajectory
+            from sqsd.figures import plot_trajectory
 
             plot_trajectory(output_dir / TRAJECTORY_FILE, output_dir / TRAJECTORY_PLOT)
             print(f"drift: {output_dir / TRAJECTORY_FILE}   plot: {output_dir / TRAJECTORY_PLOT}")
