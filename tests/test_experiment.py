@@ -304,3 +304,19 @@ def test_a_small_experiment_on_the_real_smollm2_and_named_datasets(tmp_path, mon
     lengths = [len(json.loads(line)["messages"][-1]["content"]) for name in ("top", "bottom")
                for line in (tmp_path / "run/cells/ends/length" / name / "seed0/subset.jsonl").read_text().splitlines()]
     assert min(lengths[:4]) >= max(lengths[4:])  # length's top holds the longest responses
+
+
+def test_a_given_scores_file_is_ranked_instead_of_scoring_the_pool_again(uninterrupted, tmp_path, monkeypatch):
+    inputs, run, _, _ = uninterrupted
+    monkeypatch.setattr(experiment_module, "score", lambda c: pytest.fail("the pool was scored again"))
+    given = run / "scores" / "scores.parquet"
+    results = experiment(config(inputs, tmp_path / "run", protocols=("ends",), seeds=(0,), scores=str(given)))
+    assert not (tmp_path / "run" / "scores").exists() and set(results["asr"]["ends"]) == {*METHODS, "control"}
+    for method in METHODS:
+        for subset in ("top", "bottom"):
+            cell = Path("cells") / "ends" / method / subset / "seed0" / "subset.jsonl"
+            assert (tmp_path / "run" / cell).read_text() == (run / cell).read_text()
+    inputs_seen = json.loads((tmp_path / "run" / "run.json").read_text())["inputs"]
+    assert "scores" in inputs_seen
+    with pytest.raises(SqsdError, match="--scores ranks the whole pool: leave --n-pool unset"):
+        config(inputs, tmp_path / "other", scores=str(given), n_pool=5)

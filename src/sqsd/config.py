@@ -361,6 +361,8 @@ class ExperimentConfig(ModelArgs, RenderArgs, ScoringArgs, MethodArgs, LoraArgs,
     contamination_finetune: bool = arg(False, help="also fine-tune on each mixed pool, unfiltered and without "
                                                    "each method's top (as many as were injected), and report ASR")
     harmful: tuple[str, ...] = arg((EVAL_HARMFUL,), help="harmful prompt sets (`@eval` keeps the held-out split)")
+    scores: str | None = arg(None, help="a `sqsd score` file of the whole pool with a column for every method "
+                                        "(e.g. a distributed run): ranked instead of scoring the pool here")
     window_size: int | None = 100
     max_length: int = 512
 
@@ -374,6 +376,7 @@ class ExperimentConfig(ModelArgs, RenderArgs, ScoringArgs, MethodArgs, LoraArgs,
               "protocol contamination needs --contamination-source (harmful prompts with compliant responses)")
         check(bool(self.contamination_ratios) and all(0 < r < 1 for r in self.contamination_ratios),
               "--contamination-ratios must be one or more fractions in (0, 1)")
+        check(self.scores is None or self.n_pool is None, "--scores ranks the whole pool: leave --n-pool unset")
         self.score_config("pool", "scores")  # the scoring options are checked as `sqsd score` checks them
 
     def _fields(self, *groups: type) -> dict[str, Any]:

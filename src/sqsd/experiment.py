@@ -12,7 +12,7 @@ experiment resumes at the stage it was in (a cell's fine-tune restarts, its fini
 RUN's own run.json refuses a changed config unless --overwrite (which is passed on to every stage):
     pool.jsonl                  the pool (a seeded sample of --n-pool) as chat messages, with each record's id
     base/<set>/                 `sqsd evaluate` of the model itself, one folder per harmful set (its name)
-    scores/                     `sqsd score` of the pool with every method
+    scores/                     `sqsd score` of the pool with every method (unless --scores gives that file)
     subsets/<protocol>-<method>/   `sqsd filter` of the method's ranking (windows S1..Sk; ends: S1, S2)
     finetunes/<key>/            one fine-tune per distinct (record ids, seed), shared by every cell that has
                                 them: data.jsonl (records by id), adapter/ (`sqsd train`), eval/<set>/
@@ -42,7 +42,7 @@ from sqsd.data import load_records
 from sqsd.errors import SqsdError
 from sqsd.evaluate import SUMMARY_FILE, evaluate
 from sqsd.filter import filter_scores
-from sqsd.fingerprints import data_fingerprints, model_fingerprint
+from sqsd.fingerprints import data_fingerprints, fingerprint, model_fingerprint
 from sqsd.runs import open_run, write_json_atomic
 from sqsd.score import method_column, score
 from sqsd.train import train
@@ -146,7 +146,7 @@ class Experiment:
     def ranked(self, pool: Path, lines: Sequence[dict[str, Any]]) -> list[Cell]:
         """Protocols windows and ends: a cell per method x subset x seed (ends: and the random control)."""
         c, cells = self.config, []
-        scores = self.score(pool, self.out)
+        scores = Path(c.scores) if c.scores else self.score(pool, self.out)
         for protocol in [p for p in c.protocols if p != "contamination"]:
             k = c.n_windows if protocol == "windows" else 2
             names = {"S1": "top", "S2": "bottom"} if protocol == "ends" else {}
@@ -195,12 +195,14 @@ def experiment(config: ExperimentConfig) -> dict[str, Any]:
     def inputs() -> dict[str, Any]:
         found = {"model": model_fingerprint(config.model),
                  **{f"pool:{k}": v for k, v in data_fingerprints(config.pool).items()}}
+        if config.scores:
+            found["scores"] = fingerprint(config.scores)
         if "contamination" in config.protocols:
             found |= {f"contamination:{k}": v for k, v in data_fingerprints(config.contamination_source).items()}
         return found
 
     with open_run(out, config, inputs, overwrite=config.overwrite,
-                  input_fields=("model", "pool", "contamination_source")) as run:
+                  input_fields=("model", "pool", "scores", "contamination_source")) as run:
         lines = [pool_line(r) for r in _sample(load_records(config.pool).records, config.n_pool, config.seed)]
         pool = _write_jsonl(out / "pool.jsonl", lines)
         stages = Experiment(config, out)
