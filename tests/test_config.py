@@ -19,6 +19,7 @@ DIFFERENT_FLAGS_SAME_NAME = {
     "harmful": "align trains on several harmful sources; evaluation uses one held-out set",
     "benign": "align trains on benign pairs (always); evaluation may skip them ('')",
     "data": "filter re-reads the scored dataset, by default the one its scores record",
+    "scores": "filter's scores file is positional; experiment's is optional (ranked instead of scoring the pool)",
     "method": "train/align choose LoRA or full fine-tuning; score chooses its scorers (SQSD and the baselines)",
 }
 

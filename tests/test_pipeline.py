@@ -62,3 +62,7 @@ def test_pool_sample_is_seeded_sorted_and_keeps_the_paper_columns(tmp_path):
 def test_demo_config_checks_windows_fit():
     with pytest.raises(SqsdError, match="must not exceed"):
         DemoConfig(n_pool=100, n_windows=5, window_size=30)
+    with pytest.raises(SqsdError, match="--experiment-methods must start with sqsd"):
+        DemoConfig(experiment_methods=("random", "sqsd"))
+    with pytest.raises(SqsdError, match="--ends-fraction must be in"):
+        DemoConfig(n_pool=10, window_size=2, ends_fraction=0.01)

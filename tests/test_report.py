@@ -315,6 +315,7 @@ def test_the_demo_ends_on_the_report_of_its_folder(tmp_path, monkeypatch, capsys
     import sqsd.align
     import sqsd.assets
     import sqsd.direction_tools
+    import sqsd.experiment
     import sqsd.score
     import sqsd.train
     from sqsd.config import DemoConfig
@@ -333,7 +334,13 @@ def test_the_demo_ends_on_the_report_of_its_folder(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(sqsd.direction_tools, "build", stage(None))
     monkeypatch.setattr(sqsd.train, "train", stage(None))
     monkeypatch.setattr(sqsd.score, "score", lambda c: runs.scores_run(Path(c.output_dir), c.data, 60) / "scores.parquet")
+    experiments = []
+    monkeypatch.setattr(sqsd.experiment, "experiment", experiments.append)
     demo(DemoConfig(output_dir=str(tmp_path / "demo"), n_pool=60, n_windows=3, window_size=10))
+    (ends,) = experiments  # the last stage ranks the scores of stage 5 (no second scoring): 10% of 60 each
+    assert ends.scores == str(tmp_path / "demo" / "scores-n60" / "scores" / "scores.parquet")
+    assert (ends.window_size, ends.protocols, ends.methods) == (6, ("ends",), ("sqsd", "random", "length", "gradsim"))
+    assert ends.harmful_anchors.endswith("danger-data/data.jsonl") and ends.output_dir.endswith("experiment-n6")
     page = tmp_path / "demo" / "report" / "index.html"
     assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith(f"wrote {page} (")  # the demo's last line
     assert titles(page.read_text()) == ["Scores (scores)", "Against the paper's ranking (scores-n60)"]

@@ -219,15 +219,22 @@ class AlignConfig(ModelArgs, RenderArgs, MethodArgs, LoraArgs, OptimArgs, Output
 @dataclass(frozen=True, kw_only=True)
 class DemoConfig(OutputDirArgs, MaxLengthArgs, BatchArgs, PoolSampleArgs, WindowsArgs):
     """`sqsd demo`: the whole offline pipeline — align SmolLM2, build the danger and safety directions and the
-    benign anchor, score a sample of dolly-sqsd, write the riskiest/safest samples and S1..Sk windows.
+    benign anchor, score a sample of dolly-sqsd (SQSD and baselines), write the riskiest/safest samples and S1..Sk
+    windows, then a small `ends` experiment (fine-tune on each method's riskiest, safest and a random n: ASR).
 
     Each stage keeps its own folder under OUTPUT_DIR and is reused on a rerun; the stages' own settings are
-    the defaults of their commands (`sqsd align`, `sqsd directions data|build`, `sqsd train`, `sqsd score`);
-    --max-length applies to directions, anchor and scoring, --batch-size to scoring, --seed to the pool sample.
+    the defaults of their commands (`sqsd align`, `sqsd directions data|build`, `sqsd train`, `sqsd score`,
+    `sqsd experiment`); --max-length applies to directions, anchor, scoring and the experiment, --batch-size to
+    scoring and the experiment, --seed to the pool sample and the experiment (its one fine-tuning seed).
     """
 
     n_pool: int | None = 600  # of the 3,000 dolly-sqsd samples, ~1 sample/s on 2 CPU cores
     anchor_epochs: float = arg(1.0, help="epochs of the benign anchor adapter")
+    experiment_methods: tuple[str, ...] = arg(("sqsd", "random", "length", "gradsim"), help="the methods the "
+                                              "pool is scored with and the last stage's experiment compares "
+                                              "(SQSD first: the reference)")
+    ends_fraction: float = arg(0.1, help="the experiment fine-tunes on each method's riskiest and safest (and a "
+                                         "random) this fraction of the scored pool")
     output_dir: str = "runs/demo"
     max_length: int = 256
     window_size: int | None = 100
@@ -237,6 +244,9 @@ class DemoConfig(OutputDirArgs, MaxLengthArgs, BatchArgs, PoolSampleArgs, Window
         check(self.n_windows >= 2 and self.window_size is not None, "--n-windows must be >= 2, with a --window-size")
         check(self.n_windows * self.window_size <= (self.n_pool or 3000),
               "--n-windows x --window-size must not exceed --n-pool")
+        check(self.experiment_methods[:1] == ("sqsd",), "--experiment-methods must start with sqsd (the reference)")
+        check(0 < self.ends_fraction <= 0.5 and round(self.ends_fraction * (self.n_pool or 3000)) > 0,
+              "--ends-fraction must be in (0, 0.5] and give at least one sample")
 
 
 @dataclass(frozen=True, kw_only=True)

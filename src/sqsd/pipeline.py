@@ -2,9 +2,12 @@
 
 fetch assets → align SmolLM2 (`align/model`) → danger and safety data and directions (`directions/`) → a benign
 anchor adapter on AlpacaEval's `@directions` split (`anchor/`, disjoint from the scored pool) → score a seeded
-sample of the `dolly-sqsd` pool (`scores-nN/`) → the 20 riskiest and 20 safest samples, S1..Sk windows, and how
-our ranking compares with the paper's own scores (`scores-nN/summary.json`) → the report page of the
-whole folder (`report/index.html`, `sqsd report`), whose path it prints.
+sample of the `dolly-sqsd` pool with SQSD and the baselines of --experiment-methods (`scores-nN/`) → the 20
+riskiest and 20 safest samples, S1..Sk windows, and how our ranking compares with the paper's own scores
+(`scores-nN/summary.json`) → a small `ends` experiment on those scores (`experiment-nN/`, `sqsd experiment`):
+the aligned model fine-tuned on each method's riskiest and safest n and on a random n, and the ASR of each
+against the model itself → the report page of the whole folder (`report/index.html`, `sqsd report`), whose
+path it prints.
 
 Every stage is a library call with its own config and run folder (`runs.open_run`), so a rerun skips what is done
 and a changed setting is refused by the stage it concerns (pass `--overwrite` to that stage's own command to redo
@@ -27,6 +30,7 @@ from sqsd.config import (
     DemoConfig,
     DirectionsBuildConfig,
     DirectionsDataConfig,
+    ExperimentConfig,
     FilterConfig,
     ReportConfig,
     ScoreConfig,
@@ -109,15 +113,15 @@ def demo(config: DemoConfig) -> dict[str, Any]:
 
     run = Path(config.output_dir)
     timings: dict[str, float] = {}
-    t = _stage("1/6 assets")
+    t = _stage("1/7 assets")
     fetch_cli(AssetsFetchConfig())
     timings["assets"] = time.perf_counter() - t
 
-    t = _stage("2/6 align SmolLM2 (harmful -> refusal, benign -> its own answers)")
+    t = _stage("2/7 align SmolLM2 (harmful -> refusal, benign -> its own answers)")
     aligned = str(align(AlignConfig(output_dir=str(run / "align"))))
     timings["align"] = time.perf_counter() - t
 
-    t = _stage("3/6 danger and safety directions")
+    t = _stage("3/7 danger and safety directions")
     dirs = run / "directions"
     paths = {}
     for kind, build_args in (("danger", {}), ("safety", {})):
@@ -126,25 +130,40 @@ def demo(config: DemoConfig) -> dict[str, Any]:
                                                   output_dir=str(dirs / kind), **build_args))
     timings["directions"] = time.perf_counter() - t
 
-    t = _stage("4/6 benign anchor adapter (alpaca-eval@directions, disjoint from the pool)")
+    t = _stage("4/7 benign anchor adapter (alpaca-eval@directions, disjoint from the pool)")
     anchor = train(TrainConfig(data="alpaca-eval@directions", model=aligned, output_dir=str(run / "anchor"),
                                epochs=config.anchor_epochs, max_length=config.max_length))
     timings["anchor"] = time.perf_counter() - t
 
-    t = _stage(f"5/6 score {config.n_pool or 3000} dolly-sqsd samples")
+    t = _stage(f"5/7 score {config.n_pool or 3000} dolly-sqsd samples")
     out = run / f"scores-n{config.n_pool or 3000}"
     pool = on_main(lambda: write_pool(out, config.n_pool, config.seed))
-    scores_file = score(ScoreConfig(data=str(pool), model=aligned, danger=str(paths["danger"]),
-                                    safety=str(paths["safety"]), danger_anchor=str(anchor),
-                                    safety_anchor=str(dirs / "safety"), max_length=config.max_length,
-                                    batch_size=config.batch_size, output_dir=str(out / "scores")))
+    # SQSD with the directions above; the anchored baselines with the data they were built from (@directions)
+    scoring = dict(model=aligned, danger=str(paths["danger"]), safety=str(paths["safety"]),
+                   danger_anchor=str(anchor), safety_anchor=str(dirs / "safety"),
+                   harmful_anchors=str(dirs / "danger-data" / "data.jsonl"),
+                   safe_anchors=str(dirs / "safety-data" / "data.jsonl"), max_length=config.max_length,
+                   batch_size=config.batch_size)
+    scores_file = score(ScoreConfig(data=str(pool), method=config.experiment_methods, output_dir=str(out / "scores"),
+                                    **scoring))
     timings["score"] = time.perf_counter() - t
 
-    t = _stage("6/6 riskiest / safest samples, windows, comparison with the paper's scores")
+    t = _stage("6/7 riskiest / safest samples, windows, comparison with the paper's scores")
     summary = on_main(lambda: _summarise(config, out, pool, scores_file))
     summary["seconds_this_run"] = {k: round(v, 1) for k, v in timings.items()}
     on_main(lambda: write_json_atomic(out / "summary.json", summary))
     on_main(lambda: _print_summary(summary))
+
+    n = round(config.ends_fraction * (config.n_pool or 3000))
+    t = _stage(f"7/7 fine-tune on each method's riskiest and safest {n}, and a random {n}: ASR (sqsd experiment)")
+    from sqsd.experiment import experiment
+
+    on_main(lambda: experiment(ExperimentConfig(
+        pool=str(pool), scores=str(scores_file), methods=config.experiment_methods, protocols=("ends",),
+        window_size=n, seeds=(config.seed,), seed=config.seed, output_dir=str(run / f"experiment-n{n}"),
+        **scoring)))
+    summary["seconds_this_run"]["experiment"] = round(time.perf_counter() - t, 1)
+    on_main(lambda: write_json_atomic(out / "summary.json", summary))
     from sqsd.report import report  # last: the page of everything the run folder holds
 
     on_main(lambda: report(ReportConfig(run_dir=str(run))))
