@@ -73,7 +73,7 @@ def held_out(data: str) -> tuple[str, str, bool] | None:
     base, _, part = data.rpartition("@")
     split = part.removesuffix(SUFFIX)
     rephrased = split != part
-    if base and (split in FAMILIES if rephrased else split in SPLITS) and not Path(data).exists():
+    if base and ((split in FAMILIES) if rephrased else (split in SPLITS)) and not Path(data).exists():
         return base, split, rephrased
     return None
 
