@@ -22,8 +22,9 @@ def test_recipe_data_uses_only_the_align_split_and_varied_refusals(tmp_path):
     answer = [r for r in records if r.meta["align_role"] == "answer"]
     assert len(refuse) == 8 and all(r.response == refusal_for(r.id) for r in refuse)
     assert all(r.response.startswith("answer") for r in answer)
-    # never the directions or eval prompts (copies of a benign pair carry its id + "#repK")
-    assert all(split_of(r.id.split("#rep")[0]) == "align" for r in records)
+    # never the directions or eval prompts (copies of a benign pair carry its id + "#repK", rephrasings
+    # "-rephrased")
+    assert all(split_of(r.id.split("#rep")[0].removesuffix("-rephrased")) == "align" for r in records)
     assert len({r.response for r in refuse}) > 1
     assert [r.id for r in build_records(config)] == [r.id for r in records]  # seeded
 

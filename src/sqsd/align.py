@@ -1,12 +1,13 @@
 """`sqsd align`: turn an unaligned chat model into a safety-aligned one with a short supervised recipe.
 
 The offline SmolLM2 answers harmful requests, so the demo needs an aligned θ₀ before safety can degrade. The
-recipe: harmful prompts from the `@align` split answered with varied refusals, mixed with benign prompts
-answered by the model's own greedy replies (by default; `--benign-answers reference` uses the dataset's
-answers) so that it stays helpful — over-refusal is the failure mode to watch, and training on its own replies
-changes its benign behaviour least — then a short full fine-tune (or a LoRA merged into the weights). The result is a plain model folder
-(`output_dir/model`) that every later stage loads like any other; the recipe and the exact training data are
-saved next to it.
+recipe: harmful prompts from the `@align` split answered with varied refusals, half of them rephrased (past or
+future tense, indirect, hypothetical, fiction, third person: `sqsd.rephrase`'s `align` templates) so that the
+refusals do not hinge on one phrasing, mixed with benign prompts answered by the model's own greedy replies (by
+default; `--benign-answers reference` uses the dataset's answers) so that it stays helpful — over-refusal is
+the failure mode to watch, and training on its own replies changes its benign behaviour least — then a short
+full fine-tune (or a LoRA merged into the weights). The result is a plain model folder (`output_dir/model`)
+that every later stage loads like any other; the recipe and the exact training data are saved next to it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from sqsd.data import Record, load_records
 from sqsd.fingerprints import model_fingerprint
 from sqsd.judges import refusal_for
 from sqsd.options import LoraArgs, MethodArgs, ModelArgs, OptimArgs, RenderArgs
+from sqsd.rephrase import rephrase_record
 from sqsd.runs import open_run, write_json_atomic
 
 MODEL_DIR = "model"
@@ -34,11 +36,16 @@ def _pick(items: list[Record], n: int | None, seed: int) -> list[Record]:
 
 
 def build_records(config: AlignConfig, model=None, tokenizer=None) -> list[Record]:
-    """The alignment data: refusals for harmful prompts, answers for benign ones (each `benign_repeat` times),
-    shuffled (seeded)."""
+    """The alignment data: refusals for harmful prompts (a `rephrased` share of them in a framing of the `align`
+    template family, `meta["framing"]`), answers for benign ones (each `benign_repeat` times), shuffled
+    (seeded)."""
     harmful = [r for source in config.harmful for r in load_records(source).records]
     harmful = _pick(harmful, config.n_harmful, config.seed)
     benign = _pick(load_records(config.benign).records, config.n_benign, config.seed)
+    # A seeded share of the harmful prompts is shown rephrased instead of directly (the same number of records)
+    rephrased = set(random.Random(f"{config.seed}:rephrase").sample(range(len(harmful)),
+                                                                    round(config.rephrased * len(harmful))))
+    harmful = [rephrase_record(r, "align") if i in rephrased else r for i, r in enumerate(harmful)]
     out = [dataclasses.replace(r, response=refusal_for(r.id), meta={**r.meta, "align_role": "refuse"})
            for r in harmful]
     if config.benign_answers == "self":
@@ -95,8 +102,10 @@ def _align(config: AlignConfig, out: Path, run: Any, main: bool, device: str) ->
                 f.write(json.dumps({"id": r.id, "messages": [*r.prompt, {"role": "assistant", "content": r.response}],
                                     "role": r.meta["align_role"]}, ensure_ascii=False) + "\n")
     n_refuse = sum(r.meta["align_role"] == "refuse" for r in records)
+    n_rephrased = sum("framing" in r.meta for r in records)
     if main:
-        print(f"alignment data: {n_refuse} harmful -> refusal, {len(records) - n_refuse} benign -> answer")
+        print(f"alignment data: {n_refuse} harmful -> refusal ({n_rephrased} rephrased), "
+              f"{len(records) - n_refuse} benign -> answer")
     # A full fine-tune writes its model straight into model/; a LoRA trains into train/ and is merged below.
     train_dir = out / (MODEL_DIR if config.method == "full" else "train")
     shared = (ModelArgs, RenderArgs, MethodArgs, LoraArgs, OptimArgs)  # the training flags align shares with train
@@ -108,7 +117,8 @@ def _align(config: AlignConfig, out: Path, run: Any, main: bool, device: str) ->
     if config.method == "lora":
         result.model.merge_and_unload().save_pretrained(out / MODEL_DIR)
         tokenizer.save_pretrained(out / MODEL_DIR)
-    recipe = {"config": to_dict(config), "n_refuse": n_refuse, "n_answer": len(records) - n_refuse,
+    recipe = {"config": to_dict(config), "n_refuse": n_refuse, "n_rephrased": n_rephrased,
+              "n_answer": len(records) - n_refuse,
               "steps": result.steps, "first_loss": result.first_loss, "last_loss": result.last_loss,
               "train_seconds": round(result.seconds, 1)}
     write_json_atomic(out / "recipe.json", recipe)

@@ -192,6 +192,9 @@ class AlignConfig(ModelArgs, RenderArgs, MethodArgs, LoraArgs, OptimArgs, Output
     harmful: tuple[str, ...] = arg(("harmbench@align", "donotanswer@align"),
                                    help="harmful prompts, answered with varied refusals")
     benign: str = arg("alpaca-eval@align", help="benign instruction/answer pairs, kept helpful")
+    rephrased: float = arg(0.5, help="share of the harmful prompts shown rephrased (past/future tense, indirect, "
+                                     "hypothetical, fiction, third person; `sqsd.rephrase`'s align templates) "
+                                     "instead of directly: same number of records and steps")
     n_harmful: int | None = arg(300, help="use at most this many harmful prompts (a seeded sample); unset = all")
     n_benign: int | None = arg(None, help="use at most this many benign pairs (a seeded sample)")
     benign_answers: Literal["reference", "self"] = arg("self", help="train benign prompts on the model's own "
@@ -211,6 +214,7 @@ class AlignConfig(ModelArgs, RenderArgs, MethodArgs, LoraArgs, OptimArgs, Output
     def _validate(self) -> None:
         check(bool(self.harmful), "--harmful needs at least one source")
         check(self.n_harmful is None or self.n_harmful > 0, "--n-harmful must be positive")
+        check(0.0 <= self.rephrased <= 1.0, "--rephrased must be in [0, 1]")
         check(self.n_benign is None or self.n_benign > 0, "--n-benign must be positive")
         check(self.self_answer_tokens > 0, "--self-answer-tokens must be positive")
         check(self.benign_repeat >= 1, "--benign-repeat must be at least 1")

@@ -15,7 +15,9 @@ accordingly.
 Held-out splits: `SOURCE@align`, `SOURCE@directions` and `SOURCE@eval` (e.g. `harmbench@eval`) keep a fixed
 part of any source, chosen by hashing each record id, so the three never share a record and do not depend on
 file order. Alignment trains on `@align`, danger/safety directions and anchor adapters on `@directions`, and
-every safety or over-refusal measurement uses `@eval` (see `SPLITS`).
+every safety or over-refusal measurement uses `@eval` (see `SPLITS`). `SOURCE@align-rephrased` and
+`SOURCE@eval-rephrased` are the same records, each request rephrased (past/future tense, indirect,
+hypothetical, fiction, third person) by that split's template family (`sqsd.rephrase`), with ids `ID-rephrased`.
 
 Bad records either stop the load (`on_bad_record="error"`) or are listed in `LoadedData.bad` and left out
 ("skip"); nothing is dropped silently. Problems with a whole file (empty, not UTF-8, not valid JSON, format
@@ -44,9 +46,10 @@ from sqsd.formats import (
 )
 from sqsd.options import DATA_FORMATS, DataArgs
 from sqsd.readers import READERS, json_value
+from sqsd.rephrase import FAMILIES, SUFFIX, rephrase_record
 
-__all__ = ["SPLITS", "BadRecord", "LoadedData", "Record", "detect_format", "load_from_config", "load_records",
-           "split_of"]
+__all__ = ["SPLITS", "BadRecord", "LoadedData", "Record", "detect_format", "held_out", "load_from_config",
+           "load_records", "split_of"]
 
 # Held-out split fractions, in order. Changing them (or the salt) changes every split: bump the salt's version.
 SPLITS: dict[str, float] = {"align": 0.4, "directions": 0.3, "eval": 0.3}
@@ -62,6 +65,17 @@ def split_of(record_id: str) -> str:
         if u < edge:
             return name
     return name
+
+
+def held_out(data: str) -> tuple[str, str, bool] | None:
+    """(source, split, rephrased) when `data` names a held-out split of a source (`harmbench@eval`,
+    `harmbench@eval-rephrased`) rather than a file; else None."""
+    base, _, part = data.rpartition("@")
+    split = part.removesuffix(SUFFIX)
+    rephrased = split != part
+    if base and ((split in FAMILIES) if rephrased else (split in SPLITS)) and not Path(data).exists():
+        return base, split, rephrased
+    return None
 
 
 @dataclass(frozen=True)
@@ -225,12 +239,15 @@ def load_records(data: str, format: str = "auto", split: str = "train", on_bad_r
     """
     if format not in DATA_FORMATS:
         raise SqsdError(f"unknown format {format!r}; choose one of {', '.join(DATA_FORMATS)}")
-    base, _, part = data.rpartition("@")
-    if base and part in SPLITS and not Path(data).exists():
+    parts = held_out(data)
+    if parts:
+        base, part, rephrased = parts
         loaded = load_records(base, format, split, on_bad_record)
         kept = [r for r in loaded.records if split_of(r.id) == part][:limit]
         if not kept:
             raise SqsdError(f"{data}: the {part!r} split of {base} is empty")
+        if rephrased:
+            kept = [rephrase_record(r, part) for r in kept]
         return LoadedData(kept, loaded.format, loaded.sources, loaded.bad)
     if on_bad_record not in ("error", "skip"):
         raise SqsdError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
@@ -285,9 +302,9 @@ def load_from_config(config: DataArgs) -> LoadedData:
 
 def raw_rows(data: str, split: str = "train") -> dict[tuple[str, int], dict[str, Any]]:
     """(Record.source, Record.row) -> the record's original fields, as the data layer read them."""
-    base, _, part = data.rpartition("@")
-    if base and part in SPLITS and not Path(data).exists():
-        data = base  # a held-out split keeps its source's records and their rows
+    parts = held_out(data)
+    if parts:
+        data = parts[0]  # a held-out split keeps its source's records and their rows
     out: dict[tuple[str, int], dict[str, Any]] = {}
     for src in _sources(data, split):
         for item in src.rows:

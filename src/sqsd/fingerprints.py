@@ -92,14 +92,18 @@ def model_fingerprint(name: str) -> str:
 def data_fingerprints(data: str) -> dict[str, str]:
     """Fingerprints of the data input: the file, each file of a named dataset, or a hub id as given.
 
-    A held-out split (`SOURCE@eval`) is fingerprinted by its source's files plus the split name.
+    A held-out split (`SOURCE@eval`) is fingerprinted by its source's files plus the split name; a rephrased one
+    (`SOURCE@eval-rephrased`) also by the templates' version.
     """
     from sqsd import assets
-    from sqsd.data import SPLITS
+    from sqsd.data import held_out
+    from sqsd.rephrase import VERSION
 
-    base, _, part = data.rpartition("@")
-    if base and part in SPLITS and not Path(data).exists():
-        return {f"{key}@{part}": value for key, value in data_fingerprints(base).items()}
+    parts = held_out(data)
+    if parts:
+        base, part, rephrased = parts
+        out = {f"{key}@{part}": value for key, value in data_fingerprints(base).items()}
+        return {**out, "rephrase": VERSION} if rephrased else out
 
     if Path(data).expanduser().is_file():
         return {"data": fingerprint(Path(data).expanduser())}
