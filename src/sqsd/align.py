@@ -99,8 +99,7 @@ def _align(config: AlignConfig, out: Path, run: Any, main: bool, device: str) ->
     if main:
         with open(out / "align_data.jsonl", "w", encoding="utf-8") as f:
             for r in records:
-                f.write(json.dumps({"id": r.id, "messages": [*r.prompt, {"role": "assistant", "content": r.response}],
-                                    "role": r.meta["align_role"]}, ensure_ascii=False) + "\n")
+                f.write(json.dumps({**r.messages_line(), "role": r.meta["align_role"]}, ensure_ascii=False) + "\n")
     n_refuse = sum(r.meta["align_role"] == "refuse" for r in records)
     n_rephrased = sum("framing" in r.meta for r in records)
     if main:

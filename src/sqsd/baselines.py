@@ -33,7 +33,6 @@ per run), so gradsim's and safety-influence's ⟨δW(x), ḡ⟩ (δW = −∇L) 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -166,8 +165,8 @@ def encode_anchors(path: str, flag: str, tokenizer: Any, system_prompt: str | No
 def check_disjoint(pool: Sequence[Record], anchors: Sequence[Record], flag: str, path: str) -> None:
     """Anchors must not share a prompt with the scored data: a sample whose prompt is an anchor's would be
     scored against itself. A clear error naming both records and how many overlap."""
-    prompts = {json.dumps(r.prompt, sort_keys=True): r for r in pool}
-    clash = [(a, prompts[k]) for a in anchors if (k := json.dumps(a.prompt, sort_keys=True)) in prompts]
+    prompts = {r.prompt_key(): r for r in pool}
+    clash = [(a, prompts[a.prompt_key()]) for a in anchors if a.prompt_key() in prompts]
     if clash:
         anchor, record = clash[0]
         raise SqsdError(f"{flag} {path}: record {anchor.id} has the same prompt as the scored record {record.id} "

@@ -27,6 +27,7 @@ not detectable, a required column missing) always stop the load.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -94,6 +95,16 @@ class Record:
     prompt: Messages
     response: str | None
     meta: dict[str, Any]
+
+    def messages_line(self, response: str | None = None) -> dict[str, Any]:
+        """The record as one chat-messages line that keeps its id (`response` replaces its own), the shape every
+        file the tool writes for training takes."""
+        answer = self.response if response is None else response
+        return {"id": self.id, "messages": [*self.prompt, {"role": "assistant", "content": answer}]}
+
+    def prompt_key(self) -> str:
+        """The prompt as a string: records with the same prompt have the same key."""
+        return json.dumps(self.prompt, sort_keys=True)
 
 
 @dataclass(frozen=True)

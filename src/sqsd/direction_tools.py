@@ -93,8 +93,7 @@ def _directions_data(config: DirectionsDataConfig) -> Path:
             raise SqsdError(f"no {config.kind} pairs left: the model refused every prompt (is it already aligned?)")
         with open(out / (DATA_FILE + ".tmp"), "w", encoding="utf-8") as f:
             for r, response in rows:
-                f.write(json.dumps({"id": r.id, "messages": [*r.prompt, {"role": "assistant", "content": response}],
-                                    "source": r.source}, ensure_ascii=False) + "\n")
+                f.write(json.dumps({**r.messages_line(response), "source": r.source}, ensure_ascii=False) + "\n")
         (out / (DATA_FILE + ".tmp")).replace(out / DATA_FILE)
         provenance["n_pairs"] = len(rows)
         write_json_atomic(out / "provenance.json", provenance)

@@ -67,11 +67,6 @@ def slug(data: str) -> str:
     return re.sub(r"[^\w@:.+-]", "_", Path(data).name)
 
 
-def pool_line(record: Any) -> dict[str, Any]:
-    """A record as one chat-messages line that keeps its id (every subset and mixed pool is written so)."""
-    return {"id": record.id, "messages": [*record.prompt, {"role": "assistant", "content": record.response}]}
-
-
 def _write_jsonl(path: Path, lines: Sequence[dict[str, Any]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -169,7 +164,7 @@ class Experiment:
             if k > len(harmful):
                 raise SqsdError(f"--contamination-ratios {ratio:g} needs {k} harmful samples, but "
                                 f"{c.contamination_source} has {len(harmful)}")
-            injected = [{**pool_line(r), "id": f"injected:{r.id}"} for r in _sample(harmful, k, c.seed)]
+            injected = [{**r.messages_line(), "id": f"injected:{r.id}"} for r in _sample(harmful, k, c.seed)]
             mixed = [*lines, *injected]
             random.Random(c.seed).shuffle(mixed)  # no method may find them by their place in the file
             pool = _write_jsonl(folder / "mixed.jsonl", mixed)
@@ -203,7 +198,7 @@ def experiment(config: ExperimentConfig) -> dict[str, Any]:
 
     with open_run(out, config, inputs, overwrite=config.overwrite,
                   input_fields=("model", "pool", "scores", "contamination_source")) as run:
-        lines = [pool_line(r) for r in _sample(load_records(config.pool).records, config.n_pool, config.seed)]
+        lines = [r.messages_line() for r in _sample(load_records(config.pool).records, config.n_pool, config.seed)]
         pool = _write_jsonl(out / "pool.jsonl", lines)
         stages = Experiment(config, out)
         base = stages.evaluate(out / "base", None)

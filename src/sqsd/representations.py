@@ -23,7 +23,6 @@ output folder next to the anchor gradients, so resumed chunks score against the 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 import torch
@@ -122,10 +121,6 @@ def safety_layer(model: torch.nn.Module, probes: Sequence[Encoded], pad_token_id
     return max(range(len(rises)), key=lambda i: (rises[i], -i)), rises
 
 
-def _prompt_key(record: Record) -> str:
-    return json.dumps(record.prompt, sort_keys=True)
-
-
 def anchor_states(methods: Sequence[str], model: torch.nn.Module, harm: Sequence[tuple[Record, Encoded]],
                   safe: Sequence[tuple[Record, Encoded]], pad_token_id: int, batch_size: int,
                   layer: Sequence[int] | None, top_k: int) -> dict[str, torch.Tensor]:
@@ -154,12 +149,12 @@ def anchor_states(methods: Sequence[str], model: torch.nn.Module, harm: Sequence
         out["larf/top_k"] = torch.tensor([top_k])
         out |= {f"larf/{name}": f[f"last/{layer[0]}"] for name, f in feats.items()}
     if "datashield" in methods:
-        shared = {_prompt_key(r) for r, _ in harm} & {_prompt_key(r) for r, _ in safe}
+        shared = {r.prompt_key() for r, _ in harm} & {r.prompt_key() for r, _ in safe}
         if not shared:
             raise SqsdError("--method datashield pairs --harmful-anchors and --safe-anchors by prompt, and no prompt "
                             "is in both (use `sqsd directions data --kind danger` and `--kind safety` with the same "
                             "prompts and seed)")
-        keep = {name: torch.tensor([_prompt_key(r) in shared for r, _ in anchors])
+        keep = {name: torch.tensor([r.prompt_key() in shared for r, _ in anchors])
                 for name, anchors in (("harm", harm), ("safe", safe))}
         out["datashield/layers"] = torch.tensor(layers)
         for ell in layers:
